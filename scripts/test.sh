@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs (Debian), starts two throwaway
+# PostgreSQL 15 clusters on 127.0.0.1 (wal_level logical and replica), runs
+# lint and every test, and stops the clusters it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/pg.sh install
+
+work=$(mktemp -d /tmp/rowshift-test.XXXXXX)
+chmod 755 "$work"
+cleanup() {
+  scripts/pg.sh stop "$work/logical"
+  scripts/pg.sh stop "$work/replica"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export ROWSHIFT_TEST_PG_PORT=$(free_port)
+export ROWSHIFT_TEST_PG_REPLICA_PORT=$(free_port)
+scripts/pg.sh start "$work/logical" "$ROWSHIFT_TEST_PG_PORT" logical
+scripts/pg.sh start "$work/replica" "$ROWSHIFT_TEST_PG_REPLICA_PORT" replica
+
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --quiet -- --test-threads 4

@@ -1,0 +1,261 @@
+//! The backfill: copies the rows that existed before the stream started, in
+//! keyset chunks, while the stream keeps applying concurrent changes.
+//!
+//! # Why chunks and stream merge correctly ("copy at the sink's position")
+//!
+//! This is an equivalent of DBLog's watermarks that needs no watermark
+//! table. The chunk copy (`INSERT INTO target SELECT <mapping> FROM source
+//! WHERE lo < key <= hi ON CONFLICT DO UPDATE`) runs **in the apply loop,
+//! between two batches**, never concurrently with an apply:
+//!
+//! ```text
+//!   stream:  ... e1 e2 e3 | e4 e5 e6 ...      (commit order; applied in order)
+//!   sink:    apply ≤e3 ─▶ [copy chunk, snapshot R] ─▶ apply e4, e5, e6 ...
+//! ```
+//!
+//! 1. The slot exists before the first chunk is read, so every change that
+//!    commits after any chunk snapshot R is in the stream.
+//! 2. When the copy starts, the sink has applied only events that committed
+//!    before R (they were streamed, so they had committed). So the copy
+//!    writes each row's state at R, which is at least as new as anything the
+//!    sink wrote for that key.
+//! 3. After the copy the sink applies the remaining events in commit order.
+//!    Those that committed before R are replays of changes already contained
+//!    in the R-state; those after R are new. For every key the final state is
+//!    the effect of the last event (insert/update: its values; delete: no
+//!    row), or the R-state if no event follows — which is exactly the source
+//!    state. Partial updates (unchanged TOAST absent) only set the columns
+//!    they carry; the absent columns keep the R-state value, which is the
+//!    newest value because any later change of them arrives as an event.
+//! 4. No resurrection: a row deleted before R is not in the R-state, so the
+//!    copy does not write it; a row deleted after R is written by the copy
+//!    and then removed by the delete event, which is applied afterwards.
+//!    Primary-key changes are a delete of the old key plus an upsert of the
+//!    new one, so the same argument covers them.
+//! 5. Crash: the chunk and its cursor commit in one transaction; the slot is
+//!    confirmed only past applied batches; after a restart the stream replays
+//!    from the confirmed position (older than any copied R), which point 3
+//!    already allows.
+//!
+//! The same argument makes `Refetch` in the sink safe. A transient state
+//! older than the source can exist between a copy and the replay catching
+//! up; it is gone once the sink passes R, and the pipeline only reports
+//! `caught_up` after that. No transaction stays open longer than one chunk.
+
+pub mod throttle;
+
+use crate::error::Result;
+use crate::model::Key;
+use crate::sink::postgres::PgSink;
+use crate::state::{chunk_checkpoint, RangeRecord};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// Splits the key space into `workers` ranges of about equal row counts.
+pub async fn plan_ranges(
+    sink: &mut PgSink,
+    workers: u32,
+    estimated_rows: i64,
+) -> Result<Vec<RangeRecord>> {
+    let mut bounds: Vec<Option<Key>> = vec![None];
+    if workers > 1 && estimated_rows > workers as i64 {
+        let step = (estimated_rows / workers as i64).max(1);
+        for _ in 1..workers {
+            let lo = bounds.last().cloned().flatten();
+            match sink.next_bound(lo.as_ref(), None, step).await? {
+                Some(b) => bounds.push(Some(b)),
+                None => break,
+            }
+        }
+    }
+    bounds.push(None);
+    Ok(bounds
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| RangeRecord {
+            range_no: i as i32,
+            lo: w[0].clone(),
+            hi: w[1].clone(),
+            cursor: None,
+            done: false,
+            rows_copied: 0,
+            chunks_done: 0,
+        })
+        .collect())
+}
+
+/// Settings the backfill runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub chunk_rows: u32,
+    pub target_chunk: Option<Duration>,
+    pub rate_limit_rows_per_s: Option<u32>,
+}
+
+/// The running backfill: one sink connection per range worker.
+pub struct Backfill {
+    name: String,
+    ranges: Vec<RangeRecord>,
+    sinks: Vec<Option<PgSink>>,
+    chunk_rows: u32,
+    settings: Settings,
+    limiter: Option<DefaultDirectRateLimiter>,
+    not_before: Instant,
+}
+
+impl Backfill {
+    pub fn new(
+        name: &str,
+        ranges: Vec<RangeRecord>,
+        sinks: Vec<PgSink>,
+        settings: Settings,
+    ) -> Backfill {
+        let limiter = settings
+            .rate_limit_rows_per_s
+            .and_then(NonZeroU32::new)
+            .map(|rate| {
+                let burst = rate.get().max(
+                    settings
+                        .chunk_rows
+                        .saturating_mul(sinks.len().max(1) as u32),
+                );
+                RateLimiter::direct(
+                    Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate)),
+                )
+            });
+        Backfill {
+            name: name.to_string(),
+            chunk_rows: settings.chunk_rows,
+            ranges,
+            sinks: sinks.into_iter().map(Some).collect(),
+            settings,
+            limiter,
+            not_before: Instant::now(),
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.ranges.iter().all(|r| r.done)
+    }
+
+    pub fn rows_copied(&self) -> i64 {
+        self.ranges.iter().map(|r| r.rows_copied).sum()
+    }
+
+    pub fn chunks_done(&self) -> i64 {
+        self.ranges.iter().map(|r| r.chunks_done).sum()
+    }
+
+    /// True when the rate limit allows the next round now.
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.not_before {
+            return false;
+        }
+        let active = self.ranges.iter().filter(|r| !r.done).count().max(1) as u32;
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let want = NonZeroU32::new(self.chunk_rows.saturating_mul(active).max(1))
+            .unwrap_or(NonZeroU32::MIN);
+        match limiter.check_n(want) {
+            Ok(Ok(())) => true,
+            Ok(Err(not_until)) => {
+                self.not_before = now + not_until.wait_time_from(DefaultClock::default().now());
+                false
+            }
+            Err(_) => {
+                // The round is larger than the burst: shrink the chunks.
+                self.chunk_rows = (self.chunk_rows / 2).max(1);
+                false
+            }
+        }
+    }
+
+    /// When the next round may run (for the apply loop's sleep).
+    pub fn not_before(&self) -> Instant {
+        self.not_before
+    }
+
+    /// Copies one chunk of every unfinished range, in parallel, each with its
+    /// checkpoint in the same transaction. Returns the rows copied.
+    pub async fn round(&mut self) -> Result<u64> {
+        let started = Instant::now();
+        let mut set = JoinSet::new();
+        let workers = self.sinks.len().max(1);
+        for (i, range) in self.ranges.iter().enumerate() {
+            if range.done {
+                continue;
+            }
+            let Some(mut sink) = self.sinks.get_mut(i % workers).and_then(Option::take) else {
+                continue;
+            };
+            let range = range.clone();
+            let name = self.name.clone();
+            let rows = self.chunk_rows as i64;
+            set.spawn(async move {
+                let result = copy_chunk(&mut sink, &name, &range, rows).await;
+                (i, sink, result)
+            });
+        }
+        let mut copied = 0;
+        let mut first_error = None;
+        while let Some(joined) = set.join_next().await {
+            let Ok((i, sink, result)) = joined else {
+                continue;
+            };
+            let slot = i % self.sinks.len().max(1);
+            self.sinks[slot] = Some(sink);
+            match result {
+                Ok((n, cursor, done)) => {
+                    let r = &mut self.ranges[i];
+                    r.cursor = cursor;
+                    r.done = done;
+                    r.rows_copied += n as i64;
+                    r.chunks_done += 1;
+                    copied += n;
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if self.sinks.iter().any(Option::is_none) {
+            return Err(crate::Error::State("a backfill worker task failed".into()));
+        }
+        self.adapt(started.elapsed());
+        Ok(copied)
+    }
+
+    fn adapt(&mut self, took: Duration) {
+        let Some(target) = self.settings.target_chunk else {
+            return;
+        };
+        let ratio = target.as_secs_f64() / took.as_secs_f64().max(0.001);
+        let next = (self.chunk_rows as f64 * ratio.clamp(0.5, 2.0)) as u32;
+        self.chunk_rows = next.clamp(100, 1_000_000);
+    }
+}
+
+/// One chunk of one range: find the bound, copy, checkpoint.
+async fn copy_chunk(
+    sink: &mut PgSink,
+    name: &str,
+    range: &RangeRecord,
+    rows: i64,
+) -> Result<(u64, Option<Key>, bool)> {
+    let lo = range.cursor.as_ref().or(range.lo.as_ref());
+    let bound = sink.next_bound(lo, range.hi.as_ref(), rows).await?;
+    let (hi, done) = match bound {
+        Some(b) => (Some(b), false),
+        None => (range.hi.clone(), true),
+    };
+    let cursor = hi.clone().or_else(|| lo.cloned());
+    let checkpoint = chunk_checkpoint(name, range.range_no, &cursor, done);
+    let n = sink.copy_range(lo, hi.as_ref(), &checkpoint).await?;
+    Ok((n, cursor, done))
+}

@@ -1,0 +1,22 @@
+//! rowshift: zero-downtime PostgreSQL table rewrites driven by change data
+//! capture.
+//!
+//! Layers, lowest first (a module only uses the ones above it in this list):
+//! `spec`, `model`, `error` → `transform` → `source`, `sink`, `transport`,
+//! `state` → `backfill`, `preflight` → `runtime`, `plan`. Sources,
+//! transports and sinks never import the runtime.
+
+pub mod backfill;
+pub mod error;
+pub mod model;
+pub mod plan;
+pub mod preflight;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod spec;
+pub mod state;
+pub mod transform;
+pub mod transport;
+
+pub use error::{Error, Result};

@@ -1,0 +1,255 @@
+//! The `rowshift` command line: a thin layer over the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use rowshift::runtime::{self, control, RunOptions};
+use rowshift::state::{Desired, Phase};
+use rowshift::{spec, Error};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "rowshift",
+    version,
+    about = "Zero-downtime PostgreSQL table rewrites driven by change data capture"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a pipeline file, preflight the source, print every step and its SQL.
+    Plan { file: PathBuf },
+    /// Expand, then backfill and stream until caught up; keeps streaming until stopped.
+    Run {
+        file: PathBuf,
+        /// Exit once the target is caught up instead of streaming on.
+        #[arg(long)]
+        exit_when_caught_up: bool,
+    },
+    /// Phase, progress, ETA, lag and slot of one or all pipelines.
+    Status {
+        /// A pipeline name, or a pipeline file (its dsn_env is used).
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Stop the backfill (the stream keeps applying).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Continue a paused backfill.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Stop the pipeline and remove everything rowshift created for it.
+    Abort {
+        name: String,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct DsnArg {
+    /// Environment variable holding the source DSN (when NAME is not a pipeline file).
+    #[arg(long, default_value = "ROWSHIFT_SOURCE_DSN")]
+    dsn_env: String,
+}
+
+/// A pipeline named directly, or through its file (which names the DSN variable).
+fn resolve(name: &str, dsn: &DsnArg) -> anyhow::Result<(String, String)> {
+    let path = PathBuf::from(name);
+    let (name, var) = if name.ends_with(".yaml") || name.ends_with(".yml") || path.is_file() {
+        let p = spec::load(&path)?;
+        (p.name, p.source_dsn_env)
+    } else {
+        (name.to_string(), dsn.dsn_env.clone())
+    };
+    let value = std::env::var(&var)
+        .with_context(|| format!("environment variable {var} (the source DSN) is not set"))?;
+    Ok((name, value))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if let Err(e) = dispatch(cli.command).await {
+        match e.downcast_ref::<Error>() {
+            Some(err) => eprintln!("error: {err}\nhint: {}", err.hint()),
+            None => eprintln!("error: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Plan { file } => {
+            let p = spec::load(&file)?;
+            print!("{}", rowshift::plan::plan(&p).await?);
+        }
+        Command::Run {
+            file,
+            exit_when_caught_up,
+        } => {
+            let p = spec::load(&file)?;
+            run(&p, exit_when_caught_up).await?;
+        }
+        Command::Status { name, output, dsn } => {
+            let (name, dsn_value) = match name {
+                Some(n) => {
+                    let (n, d) = resolve(&n, &dsn)?;
+                    (Some(n), d)
+                }
+                None => (
+                    None,
+                    std::env::var(&dsn.dsn_env).with_context(|| {
+                        format!("environment variable {} is not set", dsn.dsn_env)
+                    })?,
+                ),
+            };
+            let list = control::status(&dsn_value, name.as_deref()).await?;
+            if let Some(n) = &name {
+                if list.is_empty() {
+                    anyhow::bail!("no pipeline named {n}");
+                }
+            }
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no pipelines");
+            } else {
+                println!(
+                    "{}",
+                    list.iter()
+                        .map(control::render)
+                        .collect::<Vec<_>>()
+                        .join("\n\n")
+                );
+            }
+        }
+        Command::Pause { name, dsn } => {
+            let (name, d) = resolve(&name, &dsn)?;
+            control::set_desired(&d, &name, Desired::Pause).await?;
+            println!(
+                "pipeline {name}: pause requested (the backfill stops; the stream keeps applying)"
+            );
+        }
+        Command::Resume { name, dsn } => {
+            let (name, d) = resolve(&name, &dsn)?;
+            control::set_desired(&d, &name, Desired::Run).await?;
+            println!("pipeline {name}: resume requested");
+        }
+        Command::Abort { name, dsn } => {
+            let (name, d) = resolve(&name, &dsn)?;
+            for line in control::abort(&d, &name).await? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs with retries for transient failures; records definite ones.
+async fn run(p: &spec::Pipeline, exit_when_caught_up: bool) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    let opts = RunOptions {
+        exit_when_caught_up,
+        progress: true,
+    };
+    let mut attempt = 0u32;
+    loop {
+        match runtime::run(p, &opts, cancel.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(Error::Stopped(reason)) => {
+                tracing::info!(pipeline = %p.name, %reason, "stopped; state is saved, `rowshift run` resumes");
+                return Ok(());
+            }
+            Err(e)
+                if e.retry() == rowshift::error::Retry::Transient
+                    && attempt < 20
+                    && !cancel.is_cancelled() =>
+            {
+                attempt += 1;
+                let wait = Duration::from_millis(250 * 2u64.pow(attempt.min(6)));
+                tracing::warn!(pipeline = %p.name, error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient failure; resuming");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                record_failure(p, &e).await;
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+async fn record_failure(p: &spec::Pipeline, e: &Error) {
+    if matches!(
+        e,
+        Error::Preflight { .. } | Error::Spec(_) | Error::Config { .. }
+    ) {
+        return;
+    }
+    let Ok(dsn) = p.source_dsn() else { return };
+    if let Ok(client) = rowshift::source::postgres::connect(&dsn, "record failure").await {
+        if rowshift::state::load(&client, &p.name)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            let _ = rowshift::state::set_phase(
+                &client,
+                &p.name,
+                Phase::Failed,
+                Some((&e.to_string(), e.hint())),
+            )
+            .await;
+        }
+    }
+}

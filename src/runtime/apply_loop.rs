@@ -1,0 +1,267 @@
+//! The apply loop: one task that applies stream batches in order and, between
+//! batches, runs backfill rounds (the sequencing the backfill's correctness
+//! argument relies on), polls the operator's wishes, and reports progress.
+
+use super::progress::Progress;
+use super::RunOptions;
+use crate::backfill::throttle::Throttler;
+use crate::backfill::Backfill;
+use crate::error::{Error, Result};
+use crate::model::{now_us, Batch};
+use crate::preflight::Checked;
+use crate::sink::postgres::PgSink;
+use crate::source::postgres::connect;
+use crate::source::postgres::replication::{self, Batcher, ReaderConfig};
+use crate::spec::{Pipeline, Transport};
+use crate::state::{self, apply_checkpoint, Desired, Phase, PipelineRecord};
+use crate::transform::Mapping;
+use crate::transport::direct;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// Prefix of the pipeline's heartbeat messages in the WAL.
+pub fn heartbeat_prefix(name: &str) -> String {
+    format!("rowshift.heartbeat.{name}")
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    p: &Pipeline,
+    dsn: &str,
+    control: Client,
+    checked: &Checked,
+    mapping: Arc<Mapping>,
+    mut backfill: Backfill,
+    record: &PipelineRecord,
+    opts: &RunOptions,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let Transport::Direct {
+        batch_events,
+        queue_batches,
+    } = p.transport;
+    let stop = cancel.child_token();
+    let _stop_guard = stop.clone().drop_guard();
+
+    let heartbeat = spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
+    let reader = ReaderConfig {
+        dsn: dsn.to_string(),
+        slot: p.slot_name(),
+        publication: p.publication_name(),
+        columns: Arc::new(
+            mapping
+                .source_columns
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        ),
+        key_positions: mapping.source_key.clone(),
+        heartbeat_prefix: heartbeat_prefix(&p.name),
+    };
+    let (source_rx, ack, _reader) = replication::start(
+        reader,
+        pg_walstream::CancellationToken::new(),
+        batch_events * 2,
+    )
+    .await?;
+    let (tx, mut rx) = direct::channel(queue_batches);
+    let mut batcher = Batcher::new(source_rx, batch_events);
+    let batch_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = batch_stop.cancelled() => break,
+                b = batcher.next() => b,
+            };
+            let end = !matches!(next, Ok(Some(_)));
+            let sent = match next {
+                Ok(Some(b)) => tx.send(Ok(b)).await,
+                Ok(None) => {
+                    tx.send(Err(Error::Replication(
+                        "the replication stream ended".into(),
+                    )))
+                    .await
+                }
+                Err(e) => tx.send(Err(e)).await,
+            };
+            if end || sent.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut sink = PgSink::connect(
+        dsn,
+        mapping.clone(),
+        p.source_table.clone(),
+        p.target_table.clone(),
+    )
+    .await?;
+    let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());
+    let mut progress = Progress::new(opts.progress, &p.name, estimated(&control, &p.name).await?);
+    progress.backfill(backfill.rows_copied(), backfill.chunks_done());
+    let mut caught_up = record.phase == Phase::CaughtUp.as_str();
+    let mut backfill_done_us: Option<i64> = backfill.finished().then(now_us);
+    let mut paused = record.desired == Desired::Pause;
+    let mut throttled: Option<String> = None;
+    let mut last_control = Instant::now();
+    let mut lag_ms: Option<i64> = None;
+    tracing::info!(pipeline = %p.name, notes = checked.notes.len(), "running");
+
+    loop {
+        if !backfill.finished() && !paused {
+            throttled = throttler.check(&control).await?;
+            if throttled.is_none() && backfill.due() {
+                backfill.round().await?;
+                progress.backfill(backfill.rows_copied(), backfill.chunks_done());
+                if backfill.finished() {
+                    backfill_done_us = Some(now_us());
+                    control
+                        .execute("UPDATE rowshift.pipelines SET backfill_finished_at = now() WHERE name = $1", &[&p.name])
+                        .await
+                        .map_err(Error::db("record backfill end"))?;
+                    state::audit(
+                        &control,
+                        &p.name,
+                        "backfill finished",
+                        &format!("{} rows", backfill.rows_copied()),
+                    )
+                    .await?;
+                    tracing::info!(pipeline = %p.name, rows = backfill.rows_copied(), "backfill finished; waiting to catch up");
+                }
+            }
+        }
+        let backfilling = !backfill.finished() && !paused && throttled.is_none();
+        let wait = if backfilling {
+            backfill
+                .not_before()
+                .saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_millis(250)
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                heartbeat.abort();
+                return Err(Error::Stopped("interrupted".into()));
+            }
+            next = rx.recv() => {
+                let batch = match next {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(Error::Replication("the replication stream ended".into())),
+                };
+                if let Some(l) = batch_lag(&batch) {
+                    lag_ms = Some(l);
+                }
+                let checkpoint = apply_checkpoint(&p.name, batch.ack, batch.events.len(), lag_ms);
+                sink.apply(&batch, &checkpoint).await?;
+                if let Some(lsn) = batch.ack {
+                    ack(lsn);
+                }
+                progress.stream(batch.events.len(), lag_ms);
+                let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
+                if passed_done {
+                    if !caught_up {
+                        caught_up = true;
+                        state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
+                        tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                    }
+                    if opts.exit_when_caught_up {
+                        progress.finish();
+                        heartbeat.abort();
+                        return Ok(());
+                    }
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if last_control.elapsed() >= Duration::from_millis(500) {
+            last_control = Instant::now();
+            let desired = state::load(&control, &p.name)
+                .await?
+                .map(|r| r.desired)
+                .unwrap_or(Desired::Abort);
+            match desired {
+                Desired::Abort => {
+                    heartbeat.abort();
+                    return Err(Error::Stopped(format!(
+                        "pipeline {} is being aborted",
+                        p.name
+                    )));
+                }
+                Desired::Pause if !paused => {
+                    paused = true;
+                    tracing::info!(pipeline = %p.name, "paused: backfill stopped, stream keeps applying");
+                }
+                Desired::Run if paused => {
+                    paused = false;
+                    tracing::info!(pipeline = %p.name, "resumed");
+                }
+                _ => {}
+            }
+            let note = if paused {
+                Some("paused by operator".to_string())
+            } else {
+                throttled.clone()
+            };
+            control
+                .execute("UPDATE rowshift.pipelines SET runner_seen_at = now(), throttled = $2 WHERE name = $1", &[&p.name, &note])
+                .await
+                .map_err(Error::db("report liveness"))?;
+            progress.draw(note.as_deref());
+        }
+    }
+}
+
+/// End-to-end lag of a batch: from the source commit (or heartbeat) to now.
+fn batch_lag(batch: &Batch) -> Option<i64> {
+    let from = batch
+        .events
+        .last()
+        .map(|e| e.commit_ts_us)
+        .or(batch.heartbeat_us)?;
+    Some(((now_us() - from) / 1000).max(0))
+}
+
+async fn estimated(control: &Client, name: &str) -> Result<i64> {
+    let row = control
+        .query_one(
+            "SELECT coalesce(rows_estimated, 0) FROM rowshift.pipelines WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("read estimate"))?;
+    Ok(row.get(0))
+}
+
+/// Writes a heartbeat message into the WAL every second (see
+/// [`crate::source::postgres::replication`]).
+async fn spawn_heartbeat(
+    dsn: &str,
+    prefix: String,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let client = connect(dsn, "heartbeat").await?;
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1000));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = now_us().to_string();
+            if let Err(e) = client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, $1, $2)",
+                    &[&prefix, &now],
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }))
+}

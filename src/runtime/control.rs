@@ -1,0 +1,251 @@
+//! Operator commands on a stored pipeline: status, pause, resume, abort.
+
+use crate::error::{Error, Result};
+use crate::source::postgres::{connect, introspect::slot_lag};
+use crate::spec::{quote_ident, TableName};
+use crate::state::{self, Desired};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// What `rowshift status` shows for one pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub phase: String,
+    pub desired: String,
+    pub source_table: String,
+    pub target_table: String,
+    pub rows_copied: i64,
+    pub rows_estimated: i64,
+    pub chunks_done: i64,
+    pub ranges_done: i64,
+    pub ranges: i64,
+    pub rows_per_s: f64,
+    pub eta_s: Option<f64>,
+    pub events_applied: i64,
+    pub applied_lsn: Option<String>,
+    pub lag_ms: Option<i64>,
+    pub slot_lag_bytes: Option<i64>,
+    pub slot_retained_wal_bytes: Option<i64>,
+    pub slot_active: Option<bool>,
+    pub runner: Option<String>,
+    pub runner_seen_s_ago: Option<f64>,
+    pub throttled: Option<String>,
+    pub failure: Option<String>,
+    pub hint: Option<String>,
+}
+
+pub async fn status(dsn: &str, name: Option<&str>) -> Result<Vec<Status>> {
+    let client = connect(dsn, "status").await?;
+    if !state::schema_exists(&client).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT p.name, p.phase, p.desired, p.source_table, p.target_table, \
+                    coalesce(sum(r.rows_copied), 0)::int8, coalesce(p.rows_estimated, 0), coalesce(sum(r.chunks_done), 0)::int8, \
+                    count(r.*) FILTER (WHERE r.done), count(r.*), \
+                    extract(epoch FROM (coalesce(p.backfill_finished_at, now()) - p.backfill_started_at))::float8, \
+                    p.events_applied, p.applied_lsn::text, p.lag_ms, p.owner, \
+                    extract(epoch FROM now() - p.runner_seen_at)::float8, p.throttled, p.failure, p.hint \
+             FROM rowshift.pipelines p LEFT JOIN rowshift.backfill_ranges r ON r.pipeline = p.name \
+             WHERE $1::text IS NULL OR p.name = $1 GROUP BY p.name ORDER BY p.name",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("read status"))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let copied: i64 = r.get(5);
+        let estimated: i64 = r.get(6);
+        let secs: Option<f64> = r.get(10);
+        let rate = match secs {
+            Some(s) if s > 0.0 => copied as f64 / s,
+            _ => 0.0,
+        };
+        let phase: String = r.get(1);
+        let eta = (phase == "backfilling" && rate > 0.0)
+            .then(|| ((estimated - copied).max(0)) as f64 / rate);
+        let slot = slot_lag(&client, &format!("rowshift_{name}")).await?;
+        let seen: Option<f64> = r.get(15);
+        out.push(Status {
+            name,
+            phase,
+            desired: r.get(2),
+            source_table: r.get(3),
+            target_table: r.get(4),
+            rows_copied: copied,
+            rows_estimated: estimated,
+            chunks_done: r.get(7),
+            ranges_done: r.get(8),
+            ranges: r.get(9),
+            rows_per_s: (rate * 10.0).round() / 10.0,
+            eta_s: eta.map(|e| e.round()),
+            events_applied: r.get(11),
+            applied_lsn: r.get(12),
+            lag_ms: r.get(13),
+            slot_lag_bytes: slot.map(|s| s.0),
+            slot_retained_wal_bytes: slot.map(|s| s.1),
+            slot_active: slot.map(|s| s.2),
+            runner: r.get(14),
+            runner_seen_s_ago: seen.map(|s| (s * 10.0).round() / 10.0),
+            throttled: r.get(16),
+            failure: r.get(17),
+            hint: r.get(18),
+        });
+    }
+    Ok(out)
+}
+
+pub fn render(s: &Status) -> String {
+    let mut lines = vec![
+        format!(
+            "pipeline   {}  ({} -> {})",
+            s.name, s.source_table, s.target_table
+        ),
+        format!(
+            "phase      {}{}",
+            s.phase,
+            if s.desired != "run" {
+                format!("  (operator: {})", s.desired)
+            } else {
+                String::new()
+            }
+        ),
+    ];
+    let pct = if s.rows_estimated > 0 {
+        s.rows_copied as f64 * 100.0 / s.rows_estimated as f64
+    } else {
+        0.0
+    };
+    lines.push(format!(
+        "backfill   {}/{} rows ({:.1}%), {} chunks, {}/{} ranges done, {:.0} rows/s{}",
+        s.rows_copied,
+        s.rows_estimated,
+        pct.min(100.0),
+        s.chunks_done,
+        s.ranges_done,
+        s.ranges,
+        s.rows_per_s,
+        s.eta_s
+            .map(|e| format!(", ETA {e:.0} s"))
+            .unwrap_or_default()
+    ));
+    lines.push(format!(
+        "stream     {} events applied, applied position {}, lag {}",
+        s.events_applied,
+        s.applied_lsn.as_deref().unwrap_or("-"),
+        s.lag_ms
+            .map(|l| format!("{:.2} s", l as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    ));
+    lines.push(
+        match (s.slot_lag_bytes, s.slot_retained_wal_bytes, s.slot_active) {
+            (Some(l), Some(r), Some(a)) => format!(
+                "slot       {l} bytes behind, retains {r} bytes of WAL, {}",
+                if a { "active" } else { "inactive" }
+            ),
+            _ => "slot       (none)".to_string(),
+        },
+    );
+    let runner = match (&s.runner, s.runner_seen_s_ago) {
+        (Some(o), Some(ago)) if ago < 5.0 => format!("{o}, seen {ago:.1} s ago"),
+        (Some(o), Some(ago)) => format!("not running (last: {o}, {ago:.0} s ago)"),
+        _ => "not running".into(),
+    };
+    lines.push(format!("runner     {runner}"));
+    if let Some(t) = &s.throttled {
+        lines.push(format!("throttled  {t}"));
+    }
+    if let Some(f) = &s.failure {
+        lines.push(format!("failure    {f}"));
+        if let Some(h) = &s.hint {
+            lines.push(format!("hint       {h}"));
+        }
+    }
+    lines.join("\n")
+}
+
+pub async fn set_desired(dsn: &str, name: &str, desired: Desired) -> Result<()> {
+    let client = connect(dsn, "control").await?;
+    if !state::schema_exists(&client).await? || !state::set_desired(&client, name, desired).await? {
+        return Err(Error::Config {
+            reason: format!("no pipeline named {name}"),
+        });
+    }
+    Ok(())
+}
+
+/// Stops the runner (if any) and removes everything rowshift created.
+pub async fn abort(dsn: &str, name: &str) -> Result<Vec<String>> {
+    let client = connect(dsn, "abort").await?;
+    let record = state::load(&client, name)
+        .await?
+        .ok_or_else(|| Error::Config {
+            reason: format!("no pipeline named {name}"),
+        })?;
+    state::set_desired(&client, name, Desired::Abort).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state::lease_held(&client, name).await? {
+        if Instant::now() > deadline {
+            return Err(Error::State(format!(
+                "the process running {name} did not stop within 30 s; stop it and abort again"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut done = Vec::new();
+    let slot = format!("rowshift_{name}");
+    // A killed runner's walsender can linger until the server notices; end it.
+    for _ in 0..50 {
+        let active: Option<Option<i32>> = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(Error::db("look up slot"))?
+            .map(|r| r.get(0));
+        match active {
+            None => break,
+            Some(None) => {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                    .map_err(Error::db("drop slot"))?;
+                done.push(format!("dropped replication slot {slot}"));
+                break;
+            }
+            Some(Some(pid)) => {
+                client
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map_err(Error::db("stop walsender"))?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    if record.created_publication {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&slot)
+            ))
+            .await
+            .map_err(Error::db("drop publication"))?;
+        done.push(format!("dropped publication {slot}"));
+    }
+    if record.created_target {
+        if let Some(t) = TableName::parse(&record.target_table) {
+            client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {}", t.quoted()))
+                .await
+                .map_err(Error::db("drop target"))?;
+            done.push(format!("dropped target table {t}"));
+        }
+    }
+    state::delete_pipeline(&client, name).await?;
+    done.push(format!("removed the state of pipeline {name}"));
+    Ok(done)
+}

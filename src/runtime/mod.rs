@@ -1,0 +1,250 @@
+//! The runtime: takes a pipeline through expand → backfill (+ stream) →
+//! caught up, resuming from stored state after any stop.
+//!
+//! Order of a run, each step idempotent and recorded before the next:
+//! preflight (read-only) → state schema → lease → expand (DDL and its
+//! record in one transaction) → publication → slot (before any chunk is
+//! read) → key ranges → stream + backfill loop.
+//!
+//! Shutdown order: stop the loop (no new chunk, no new batch), drop the
+//! reader (its last feedback already carries the last durable position); the
+//! stored state already describes everything that committed.
+
+mod apply_loop;
+pub mod control;
+mod progress;
+
+use crate::backfill::{plan_ranges, Backfill, Settings};
+use crate::error::{Error, Result};
+use crate::preflight::{self, spec_hash, Checked};
+use crate::sink::postgres::PgSink;
+use crate::source::postgres::connect;
+use crate::spec::{quote_literal, Pipeline};
+use crate::state::{self, Desired, Phase, PipelineRecord};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+pub use apply_loop::heartbeat_prefix;
+
+/// How `rowshift run` behaves.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Return once the pipeline is caught up (demo, tests, scripts).
+    pub exit_when_caught_up: bool,
+    /// Draw a progress line on the terminal.
+    pub progress: bool,
+}
+
+/// Runs a pipeline until it is stopped (or caught up, with the option).
+pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> Result<()> {
+    let dsn = p.source_dsn()?;
+    let mut control = connect(&dsn, "control").await?;
+    let record = state::load(&control, &p.name).await?;
+    if let Some(r) = &record {
+        if r.spec_hash != spec_hash(p) {
+            return Err(Error::State(format!(
+                "the pipeline file {} changed (tables, DDL or mapping) since pipeline {} started; \
+                 restore it, or `rowshift abort {}` and run again",
+                p.file.display(),
+                p.name,
+                p.name
+            )));
+        }
+        if r.desired == Desired::Abort {
+            return Err(Error::Stopped(format!(
+                "pipeline {} is being aborted",
+                p.name
+            )));
+        }
+    }
+    let checked = preflight::check(&mut control, p, record.as_ref()).await?;
+    state::ensure_schema(&mut control).await?;
+    if record.is_none() {
+        let file = p.file.display().to_string();
+        state::register(
+            &control,
+            &p.name,
+            &spec_hash(p),
+            &p.source_table.to_string(),
+            &p.target_table.to_string(),
+            &file,
+        )
+        .await?;
+    }
+    state::acquire_lease(&control, &p.name).await?;
+    let record = state::load(&control, &p.name)
+        .await?
+        .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
+    prepare(&mut control, p, &record).await?;
+    let record = state::load(&control, &p.name)
+        .await?
+        .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
+
+    let mapping = Arc::new(checked.mapping.clone());
+    if !record.ranges_planned {
+        let mut sink = PgSink::connect(
+            &dsn,
+            mapping.clone(),
+            p.source_table.clone(),
+            p.target_table.clone(),
+        )
+        .await?;
+        let estimate = estimate_rows(&control, &checked, &p.source_table).await?;
+        control
+            .execute(
+                "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
+                &[&p.name, &estimate],
+            )
+            .await
+            .map_err(Error::db("store estimate"))?;
+        let ranges = plan_ranges(&mut sink, p.backfill.workers, estimate).await?;
+        state::save_ranges(&mut control, &p.name, &ranges).await?;
+    }
+    let ranges = state::load_ranges(&control, &p.name).await?;
+    let mut sinks = Vec::new();
+    for _ in 0..ranges
+        .iter()
+        .filter(|r| !r.done)
+        .count()
+        .min(p.backfill.workers as usize)
+    {
+        sinks.push(
+            PgSink::connect(
+                &dsn,
+                mapping.clone(),
+                p.source_table.clone(),
+                p.target_table.clone(),
+            )
+            .await?,
+        );
+    }
+    let settings = Settings {
+        chunk_rows: p.backfill.chunk_rows,
+        target_chunk: p.backfill.target_chunk_ms.map(Duration::from_millis),
+        rate_limit_rows_per_s: p.backfill.rate_limit_rows_per_s,
+    };
+    let backfill = Backfill::new(&p.name, ranges, sinks, settings);
+    if !backfill.finished() && record.phase != Phase::Backfilling.as_str() {
+        state::set_phase(&control, &p.name, Phase::Backfilling, None).await?;
+    }
+    apply_loop::run(
+        p, &dsn, control, &checked, mapping, backfill, &record, opts, cancel,
+    )
+    .await
+}
+
+/// Expand, publication, slot: each created once and recorded.
+async fn prepare(control: &mut Client, p: &Pipeline, record: &PipelineRecord) -> Result<()> {
+    if !record.created_target {
+        state::set_phase(control, &p.name, Phase::Expanding, None).await?;
+        let tx = control
+            .transaction()
+            .await
+            .map_err(Error::db("begin expand"))?;
+        for stmt in &p.target_ddl {
+            tx.batch_execute(stmt)
+                .await
+                .map_err(Error::db("expand (target.ddl)"))?;
+        }
+        tx.execute(
+            "UPDATE rowshift.pipelines SET created_target = true WHERE name = $1",
+            &[&p.name],
+        )
+        .await
+        .map_err(Error::db("record expand"))?;
+        tx.commit().await.map_err(Error::db("commit expand"))?;
+        state::audit(
+            control,
+            &p.name,
+            "created target",
+            &p.target_table.to_string(),
+        )
+        .await?;
+    }
+    if !record.created_publication {
+        let tx = control
+            .transaction()
+            .await
+            .map_err(Error::db("begin publication"))?;
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&p.publication_name()],
+            )
+            .await
+            .map_err(Error::db("look up publication"))?
+            .is_some();
+        if !exists {
+            tx.batch_execute(&publication_sql(p))
+                .await
+                .map_err(Error::db("create publication"))?;
+        }
+        tx.execute(
+            "UPDATE rowshift.pipelines SET created_publication = true WHERE name = $1",
+            &[&p.name],
+        )
+        .await
+        .map_err(Error::db("record publication"))?;
+        tx.commit().await.map_err(Error::db("commit publication"))?;
+    }
+    let slot_exists = control
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.slot_name()],
+        )
+        .await
+        .map_err(Error::db("look up slot"))?
+        .is_some();
+    if !slot_exists {
+        if record.created_slot {
+            return Err(Error::State(format!(
+                "replication slot {} was dropped by someone else; changes made since then are lost to rowshift. \
+                 Run `rowshift abort {}` and start the pipeline again",
+                p.slot_name(),
+                p.name
+            )));
+        }
+        control
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&p.slot_name()],
+            )
+            .await
+            .map_err(Error::db("create replication slot"))?;
+        state::mark_created(control, &p.name, "slot").await?;
+    }
+    Ok(())
+}
+
+pub fn publication_sql(p: &Pipeline) -> String {
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        crate::spec::quote_ident(&p.publication_name()),
+        p.source_table.quoted()
+    )
+}
+
+pub fn slot_sql(p: &Pipeline) -> String {
+    format!(
+        "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+        quote_literal(&p.slot_name())
+    )
+}
+
+async fn estimate_rows(
+    client: &Client,
+    checked: &Checked,
+    table: &crate::spec::TableName,
+) -> Result<i64> {
+    if checked.source.estimated_rows > 0 {
+        return Ok(checked.source.estimated_rows);
+    }
+    let sql = format!("SELECT count(*) FROM ONLY {}", table.quoted());
+    Ok(client
+        .query_one(&sql, &[])
+        .await
+        .map_err(Error::db("count source rows"))?
+        .get(0))
+}

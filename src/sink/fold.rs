@@ -1,0 +1,296 @@
+//! Folds a batch of events into one net operation per key, so a batch turns
+//! into a few multi-row statements instead of one statement per event.
+//!
+//! Per key, in event order:
+//!
+//! | net so far     | insert / full update | partial update (TOAST absent) | delete | key change to k2            |
+//! |----------------|----------------------|-------------------------------|--------|-----------------------------|
+//! | none           | Upsert(row)          | Partial(row)                  | Delete | k1: Delete, k2: see below   |
+//! | Upsert(r)      | Upsert(row)          | Upsert(r overlaid)            | Delete | k2: Upsert(r overlaid)      |
+//! | Partial(p)     | Upsert(row)          | Partial(p overlaid)           | Delete | k2: Refetch                 |
+//! | Refetch        | Upsert(row)          | Refetch                       | Delete | k2: Refetch                 |
+//!
+//! `Refetch` means "read the row's current state from the source and upsert
+//! it". Writing a state *newer* than the batch is safe: every event after the
+//! batch is applied afterwards in order, and re-applying older events on top
+//! of a newer state converges to the newest state (the argument is in
+//! [`crate::backfill`]). A TRUNCATE splits the batch into segments applied in
+//! order.
+
+use crate::model::{Cell, Change, ChangeEvent, Key, Row};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Net {
+    Upsert(Row),
+    Partial(Row),
+    Delete,
+    Refetch,
+}
+
+/// The net effect of consecutive events, with no key twice.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub ops: Vec<(Key, Net)>,
+    /// Apply a TRUNCATE of the target before `ops`.
+    pub truncate_first: bool,
+}
+
+impl Segment {
+    pub fn upserts(&self) -> impl Iterator<Item = &Row> {
+        self.ops.iter().filter_map(|(_, n)| match n {
+            Net::Upsert(r) => Some(r),
+            _ => None,
+        })
+    }
+    pub fn deletes(&self) -> impl Iterator<Item = &Key> {
+        self.ops
+            .iter()
+            .filter_map(|(k, n)| matches!(n, Net::Delete).then_some(k))
+    }
+    pub fn refetches(&self) -> impl Iterator<Item = &Key> {
+        self.ops
+            .iter()
+            .filter_map(|(k, n)| matches!(n, Net::Refetch).then_some(k))
+    }
+    /// Partial rows grouped by the positions of the columns they carry.
+    pub fn partial_groups(&self) -> Vec<(Vec<usize>, Vec<&Row>)> {
+        let mut groups: Vec<(Vec<usize>, Vec<&Row>)> = Vec::new();
+        for (_, n) in &self.ops {
+            if let Net::Partial(row) = n {
+                let carried: Vec<usize> = row
+                    .cells
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| matches!(c, Cell::Present(_)))
+                    .map(|(i, _)| i)
+                    .collect();
+                match groups.iter_mut().find(|(c, _)| *c == carried) {
+                    Some((_, rows)) => rows.push(row),
+                    None => groups.push((carried, vec![row])),
+                }
+            }
+        }
+        groups
+    }
+}
+
+/// Folds events (in commit order) into segments.
+pub fn fold(events: &[ChangeEvent], key_positions: &[usize]) -> Result<Vec<Segment>, String> {
+    let mut segments = Vec::new();
+    let mut current = Folder::default();
+    for event in events {
+        match &event.change {
+            Change::Truncate => {
+                let done = std::mem::take(&mut current).finish();
+                if !done.ops.is_empty() || done.truncate_first {
+                    segments.push(done);
+                }
+                current.truncate_first = true;
+            }
+            Change::Insert { new } => {
+                let key = new
+                    .key(key_positions)
+                    .ok_or("an INSERT without its key columns")?;
+                current.set(key, Net::Upsert(new.clone()));
+            }
+            Change::Delete { key } => current.set(key.clone(), Net::Delete),
+            Change::Update { old_key, new } => {
+                let key = new
+                    .key(key_positions)
+                    .ok_or("an UPDATE without its key columns")?;
+                match old_key {
+                    None => current.update(key, new),
+                    Some(old) => {
+                        let carried_over = match current.take(old) {
+                            Some(Net::Upsert(mut r)) => {
+                                r.overlay(new);
+                                Some(r)
+                            }
+                            _ => None,
+                        };
+                        current.set(old.clone(), Net::Delete);
+                        let net = if new.is_complete() {
+                            Net::Upsert(new.clone())
+                        } else {
+                            match carried_over {
+                                Some(r) => Net::Upsert(r),
+                                None => Net::Refetch,
+                            }
+                        };
+                        current.set(key, net);
+                    }
+                }
+            }
+        }
+    }
+    let last = current.finish();
+    if !last.ops.is_empty() || last.truncate_first {
+        segments.push(last);
+    }
+    Ok(segments)
+}
+
+#[derive(Default)]
+struct Folder {
+    index: HashMap<Key, usize>,
+    ops: Vec<(Key, Net)>,
+    truncate_first: bool,
+}
+
+impl Folder {
+    fn set(&mut self, key: Key, net: Net) {
+        match self.index.get(&key) {
+            Some(&i) => self.ops[i].1 = net,
+            None => {
+                self.index.insert(key.clone(), self.ops.len());
+                self.ops.push((key, net));
+            }
+        }
+    }
+
+    fn take(&mut self, key: &Key) -> Option<Net> {
+        let i = *self.index.get(key)?;
+        Some(std::mem::replace(&mut self.ops[i].1, Net::Delete))
+    }
+
+    fn update(&mut self, key: Key, new: &Row) {
+        if new.is_complete() {
+            return self.set(key, Net::Upsert(new.clone()));
+        }
+        let next = match self.index.get(&key).map(|&i| &mut self.ops[i].1) {
+            Some(Net::Upsert(r)) => {
+                r.overlay(new);
+                return;
+            }
+            Some(Net::Partial(p)) => {
+                p.overlay(new);
+                return;
+            }
+            Some(Net::Refetch) => return,
+            Some(Net::Delete) | None => Net::Partial(new.clone()),
+        };
+        self.set(key, next);
+    }
+
+    fn finish(self) -> Segment {
+        Segment {
+            ops: self.ops,
+            truncate_first: self.truncate_first,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Lsn;
+
+    fn v(s: &str) -> Cell {
+        Cell::Present(Some(s.to_string()))
+    }
+    fn row(cells: Vec<Cell>) -> Row {
+        Row { cells }
+    }
+    fn ev(change: Change) -> ChangeEvent {
+        ChangeEvent {
+            change,
+            commit_lsn: Lsn(1),
+            commit_ts_us: 0,
+        }
+    }
+    fn key(s: &str) -> Key {
+        Key(vec![Some(s.to_string())])
+    }
+
+    #[test]
+    fn insert_update_delete_fold_to_last_state() {
+        let events = vec![
+            ev(Change::Insert {
+                new: row(vec![v("1"), v("a"), v("x")]),
+            }),
+            ev(Change::Update {
+                old_key: None,
+                new: row(vec![v("1"), v("b"), Cell::Absent]),
+            }),
+            ev(Change::Insert {
+                new: row(vec![v("2"), v("c"), v("y")]),
+            }),
+            ev(Change::Delete { key: key("2") }),
+        ];
+        let segs = fold(&events, &[0]).unwrap();
+        assert_eq!(segs.len(), 1);
+        assert_eq!(
+            segs[0].ops[0],
+            (key("1"), Net::Upsert(row(vec![v("1"), v("b"), v("x")])))
+        );
+        assert_eq!(segs[0].ops[1], (key("2"), Net::Delete));
+    }
+
+    #[test]
+    fn partial_updates_merge_and_group_by_carried_columns() {
+        let events = vec![
+            ev(Change::Update {
+                old_key: None,
+                new: row(vec![v("1"), v("a"), Cell::Absent]),
+            }),
+            ev(Change::Update {
+                old_key: None,
+                new: row(vec![v("1"), v("b"), Cell::Absent]),
+            }),
+            ev(Change::Update {
+                old_key: None,
+                new: row(vec![v("2"), Cell::Absent, v("z")]),
+            }),
+        ];
+        let segs = fold(&events, &[0]).unwrap();
+        let groups = segs[0].partial_groups();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].0, vec![0, 1]);
+        assert_eq!(groups[0].1[0].cells[1], v("b"));
+        assert_eq!(groups[1].0, vec![0, 2]);
+    }
+
+    #[test]
+    fn key_changes_delete_the_old_key() {
+        let events = vec![
+            ev(Change::Insert {
+                new: row(vec![v("1"), v("a"), v("x")]),
+            }),
+            ev(Change::Update {
+                old_key: Some(key("1")),
+                new: row(vec![v("5"), v("a"), Cell::Absent]),
+            }),
+            ev(Change::Update {
+                old_key: Some(key("7")),
+                new: row(vec![v("8"), v("q"), Cell::Absent]),
+            }),
+        ];
+        let segs = fold(&events, &[0]).unwrap();
+        let ops = &segs[0].ops;
+        assert!(ops.contains(&(key("1"), Net::Delete)));
+        assert!(ops.contains(&(key("5"), Net::Upsert(row(vec![v("5"), v("a"), v("x")])))));
+        assert!(ops.contains(&(key("7"), Net::Delete)));
+        assert!(ops.contains(&(key("8"), Net::Refetch)));
+    }
+
+    #[test]
+    fn delete_then_reinsert_is_an_upsert_and_truncate_splits() {
+        let events = vec![
+            ev(Change::Delete { key: key("1") }),
+            ev(Change::Insert {
+                new: row(vec![v("1"), v("n"), v("m")]),
+            }),
+            ev(Change::Truncate),
+            ev(Change::Insert {
+                new: row(vec![v("3"), v("n"), v("m")]),
+            }),
+        ];
+        let segs = fold(&events, &[0]).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert!(!segs[0].truncate_first);
+        assert!(matches!(segs[0].ops[0].1, Net::Upsert(_)));
+        assert!(segs[1].truncate_first);
+        assert_eq!(segs[1].upserts().count(), 1);
+    }
+}

@@ -1,0 +1,310 @@
+//! The PostgreSQL sink: applies folded batches as a few multi-row statements
+//! in one transaction, with `session_replication_role = replica` so target
+//! triggers and foreign keys do not fire for replayed rows.
+//!
+//! An UPDATE whose new tuple lacks unchanged TOAST columns updates only the
+//! target columns computable from what it carries (invariant 4); a target
+//! column that needs both carried and absent columns, or a row the target
+//! does not have yet, is refetched from the source instead (safe: see
+//! [`crate::backfill`]).
+
+pub mod sql;
+
+use super::fold::{fold, Segment};
+use crate::error::{Error, Result};
+use crate::model::{Batch, Cell, Checkpoint, Key, Row};
+use crate::spec::TableName;
+use crate::transform::Mapping;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio_postgres::{Client, Statement, Transaction};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Kind {
+    Upsert,
+    Delete,
+    Refetch,
+    Partial(Vec<usize>),
+    CopyRange(bool, bool),
+    NextBound(bool, bool),
+}
+
+/// Counters of one apply.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Applied {
+    pub upserts: u64,
+    pub deletes: u64,
+    pub partials: u64,
+    pub refetches: u64,
+}
+
+pub struct PgSink {
+    client: Client,
+    mapping: Arc<Mapping>,
+    source: TableName,
+    target: TableName,
+    statements: HashMap<Kind, Statement>,
+}
+
+impl PgSink {
+    pub async fn connect(
+        dsn: &str,
+        mapping: Arc<Mapping>,
+        source: TableName,
+        target: TableName,
+    ) -> Result<PgSink> {
+        let client = crate::source::postgres::connect(dsn, "sink").await?;
+        client
+            .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on")
+            .await
+            .map_err(Error::db("prepare sink session"))?;
+        Ok(PgSink {
+            client,
+            mapping,
+            source,
+            target,
+            statements: HashMap::new(),
+        })
+    }
+
+    async fn statement(&mut self, kind: Kind) -> Result<Statement> {
+        if let Some(s) = self.statements.get(&kind) {
+            return Ok(s.clone());
+        }
+        let m = &self.mapping;
+        let text = match &kind {
+            Kind::Upsert => sql::upsert(m, &self.target),
+            Kind::Delete => sql::delete(m, &self.target),
+            Kind::Refetch => sql::refetch(m, &self.source, &self.target),
+            Kind::Partial(carried) => {
+                let (update, _) = m.partial_plan(carried);
+                sql::partial_update(m, &self.target, carried, &update)
+            }
+            Kind::CopyRange(lo, hi) => sql::copy_range(m, &self.source, &self.target, *lo, *hi),
+            Kind::NextBound(lo, hi) => sql::next_bound(m, &self.source, *lo, *hi),
+        };
+        let stmt = self
+            .client
+            .prepare(&text)
+            .await
+            .map_err(Error::db(format!("prepare {kind:?}")))?;
+        self.statements.insert(kind, stmt.clone());
+        Ok(stmt)
+    }
+
+    /// Applies one batch and runs `checkpoint` (SQL) in the same transaction.
+    pub async fn apply(&mut self, batch: &Batch, checkpoint: &Checkpoint) -> Result<Applied> {
+        let segments = fold(&batch.events, &self.mapping.source_key)
+            .map_err(|e| Error::Replication(e.to_string()))?;
+        let mut statements = Vec::new();
+        for seg in &segments {
+            statements.push(self.statements_for(seg).await?);
+        }
+        let refetch = self.statement(Kind::Refetch).await?;
+        let target = self.target.quoted();
+        let mapping = self.mapping.clone();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(Error::db("begin apply"))?;
+        let mut applied = Applied::default();
+        for (seg, stmts) in segments.iter().zip(&statements) {
+            if seg.truncate_first {
+                tx.batch_execute(&format!("TRUNCATE {target}"))
+                    .await
+                    .map_err(Error::db("apply truncate"))?;
+            }
+            let deletes: Vec<&Key> = seg.deletes().collect();
+            if !deletes.is_empty() {
+                applied.deletes +=
+                    exec_keys(&tx, &stmts.delete, &deletes, mapping.source_key.len()).await?;
+            }
+            let upserts: Vec<&Row> = seg.upserts().collect();
+            if !upserts.is_empty() {
+                let all: Vec<usize> = (0..mapping.source_columns.len()).collect();
+                let params = column_arrays(&upserts, &all);
+                applied.upserts +=
+                    exec_arrays(&tx, &stmts.upsert, &params, "apply upserts").await?;
+            }
+            let mut to_refetch: Vec<Key> = seg.refetches().cloned().collect();
+            for (carried, rows, stmt, refetch_all) in &stmts.partials {
+                if *refetch_all {
+                    to_refetch.extend(rows.iter().filter_map(|r| r.key(&mapping.source_key)));
+                    continue;
+                }
+                let params = column_arrays(rows, carried);
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(|p| p as _).collect();
+                let found = tx
+                    .query(stmt, &refs)
+                    .await
+                    .map_err(Error::db("apply partial updates"))?;
+                let found: HashSet<Key> = found
+                    .iter()
+                    .map(|r| {
+                        Key((0..mapping.source_key.len())
+                            .map(|i| r.get::<_, Option<String>>(i))
+                            .collect())
+                    })
+                    .collect();
+                applied.partials += found.len() as u64;
+                to_refetch.extend(
+                    rows.iter()
+                        .filter_map(|r| r.key(&mapping.source_key))
+                        .filter(|k| !found.contains(k)),
+                );
+            }
+            if !to_refetch.is_empty() {
+                let keys: Vec<&Key> = to_refetch.iter().collect();
+                applied.refetches +=
+                    exec_keys(&tx, &refetch, &keys, mapping.source_key.len()).await?;
+            }
+        }
+        run_checkpoint(&tx, checkpoint, None).await?;
+        tx.commit().await.map_err(Error::db("commit apply"))?;
+        Ok(applied)
+    }
+
+    async fn statements_for<'a>(&mut self, seg: &'a Segment) -> Result<SegmentStatements<'a>> {
+        let mut partials = Vec::new();
+        for (carried, rows) in seg.partial_groups() {
+            let (_, refetch_all) = self.mapping.partial_plan(&carried);
+            let stmt = self.statement(Kind::Partial(carried.clone())).await?;
+            partials.push((carried, rows, stmt, refetch_all));
+        }
+        Ok(SegmentStatements {
+            upsert: self.statement(Kind::Upsert).await?,
+            delete: self.statement(Kind::Delete).await?,
+            partials,
+        })
+    }
+
+    /// The upper bound of the chunk of `rows` keys after `lo`, not past `hi`
+    /// (`None`: fewer than `rows` keys remain in the range).
+    pub async fn next_bound(
+        &mut self,
+        lo: Option<&Key>,
+        hi: Option<&Key>,
+        rows: i64,
+    ) -> Result<Option<Key>> {
+        let stmt = self
+            .statement(Kind::NextBound(lo.is_some(), hi.is_some()))
+            .await?;
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        for k in [lo, hi].into_iter().flatten() {
+            for v in &k.0 {
+                params.push(Box::new(v.clone()));
+            }
+        }
+        params.push(Box::new(rows - 1));
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let row = self
+            .client
+            .query_opt(&stmt, &refs)
+            .await
+            .map_err(Error::db("find chunk bound"))?;
+        Ok(row.map(|r| {
+            Key((0..self.mapping.source_key.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect())
+        }))
+    }
+
+    /// Copies the source rows with `lo < key <= hi` into the target and runs
+    /// `checkpoint` in the same transaction. Returns the rows written.
+    /// The number of rows copied is bound as the checkpoint's last parameter.
+    pub async fn copy_range(
+        &mut self,
+        lo: Option<&Key>,
+        hi: Option<&Key>,
+        checkpoint: &Checkpoint,
+    ) -> Result<u64> {
+        let stmt = self
+            .statement(Kind::CopyRange(lo.is_some(), hi.is_some()))
+            .await?;
+        let mut params: Vec<Option<String>> = Vec::new();
+        for k in [lo, hi].into_iter().flatten() {
+            params.extend(k.0.iter().cloned());
+        }
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as _).collect();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(Error::db("begin chunk"))?;
+        let n = tx
+            .execute(&stmt, &refs)
+            .await
+            .map_err(Error::db("copy chunk"))?;
+        run_checkpoint(&tx, checkpoint, Some(n)).await?;
+        tx.commit().await.map_err(Error::db("commit chunk"))?;
+        Ok(n)
+    }
+}
+
+struct SegmentStatements<'a> {
+    upsert: Statement,
+    delete: Statement,
+    partials: Vec<(Vec<usize>, Vec<&'a Row>, Statement, bool)>,
+}
+
+async fn run_checkpoint(
+    tx: &Transaction<'_>,
+    checkpoint: &Checkpoint,
+    count: Option<u64>,
+) -> Result<()> {
+    if checkpoint.sql.is_empty() {
+        return Ok(());
+    }
+    let mut params = checkpoint.params.clone();
+    if let Some(n) = count {
+        params.push(Some(n.to_string()));
+    }
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p as _).collect();
+    tx.execute(checkpoint.sql.as_str(), &refs)
+        .await
+        .map_err(Error::db("write checkpoint"))?;
+    Ok(())
+}
+
+/// One `text[]` per column position, one element per row.
+fn column_arrays(rows: &[&Row], positions: &[usize]) -> Vec<Vec<Option<String>>> {
+    positions
+        .iter()
+        .map(|&p| {
+            rows.iter()
+                .map(|r| match r.cells.get(p) {
+                    Some(Cell::Present(v)) => v.clone(),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn exec_arrays(
+    tx: &Transaction<'_>,
+    stmt: &Statement,
+    params: &[Vec<Option<String>>],
+    what: &'static str,
+) -> Result<u64> {
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p as _).collect();
+    tx.execute(stmt, &refs).await.map_err(Error::db(what))
+}
+
+async fn exec_keys(
+    tx: &Transaction<'_>,
+    stmt: &Statement,
+    keys: &[&Key],
+    width: usize,
+) -> Result<u64> {
+    let params: Vec<Vec<Option<String>>> = (0..width)
+        .map(|i| keys.iter().map(|k| k.0[i].clone()).collect())
+        .collect();
+    exec_arrays(tx, stmt, &params, "apply by key").await
+}

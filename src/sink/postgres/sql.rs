@@ -1,0 +1,237 @@
+//! SQL for the PostgreSQL sink. Every statement binds values as `text[]`
+//! arrays (one per column) and casts them to the source column types inside
+//! the server, so a batch of any size is one round trip per statement and no
+//! type needs client-side code.
+
+use crate::spec::{quote_ident, TableName};
+use crate::transform::Mapping;
+
+/// `INSERT ... SELECT <mapping> FROM <text arrays> ON CONFLICT DO UPDATE`.
+pub fn upsert(m: &Mapping, target: &TableName) -> String {
+    let all: Vec<usize> = (0..m.source_columns.len()).collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {} {}",
+        target.quoted(),
+        m.target_list(),
+        m.select_list(),
+        m.unnest_source(&all, 1),
+        m.on_conflict()
+    )
+}
+
+/// Join condition between the target `t` and key columns exposed as `src`.
+fn key_join(m: &Mapping, src_alias: &str) -> String {
+    m.key_pairs
+        .iter()
+        .map(|(t, s)| {
+            format!(
+                "t.{} = {src_alias}.{}",
+                quote_ident(&m.target_columns[*t].name),
+                quote_ident(&m.source_columns[*s].name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// `DELETE ... USING <key arrays>`.
+pub fn delete(m: &Mapping, target: &TableName) -> String {
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {}",
+        target.quoted(),
+        m.unnest_source(&m.source_key, 1),
+        key_join(m, "src")
+    )
+}
+
+/// Re-reads rows by key from the source table (same database) and upserts
+/// them. Used for the backfill's key ranges too (see [`copy_range`]).
+pub fn refetch(m: &Mapping, source: &TableName, target: &TableName) -> String {
+    let keys: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&p| format!("src.{}", quote_ident(&m.source_columns[p].name)))
+        .collect();
+    let casts: Vec<String> = m
+        .source_key
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| format!("u.c{i}::{}", m.source_columns[p].sql_type))
+        .collect();
+    let args: Vec<String> = (0..m.source_key.len())
+        .map(|i| format!("${}::text[]", i + 1))
+        .collect();
+    let aliases: Vec<String> = (0..m.source_key.len()).map(|i| format!("c{i}")).collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({})) {}",
+        target.quoted(),
+        m.target_list(),
+        m.select_list(),
+        source.quoted(),
+        keys.join(", "),
+        casts.join(", "),
+        args.join(", "),
+        aliases.join(", "),
+        m.on_conflict()
+    )
+}
+
+/// Key columns of the source as a row value, e.g. `(src."a", src."b")`.
+pub fn source_key_row(m: &Mapping) -> String {
+    let cols: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&p| format!("src.{}", quote_ident(&m.source_columns[p].name)))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// Parameters `$first..` cast to the key types, as a row value.
+pub fn key_params(m: &Mapping, first: usize) -> String {
+    let ps: Vec<String> = m
+        .source_key
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| format!("${}::text::{}", first + i, m.source_columns[p].sql_type))
+        .collect();
+    format!("({})", ps.join(", "))
+}
+
+/// Copies the source rows with `lo < key <= hi` (either bound optional) into
+/// the target. Parameters: the `lo` key columns, then the `hi` key columns.
+pub fn copy_range(
+    m: &Mapping,
+    source: &TableName,
+    target: &TableName,
+    has_lo: bool,
+    has_hi: bool,
+) -> String {
+    let n = m.source_key.len();
+    let mut conds = Vec::new();
+    if has_lo {
+        conds.push(format!("{} > {}", source_key_row(m), key_params(m, 1)));
+    }
+    if has_hi {
+        let first = if has_lo { n + 1 } else { 1 };
+        conds.push(format!("{} <= {}", source_key_row(m), key_params(m, first)));
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src {filter} {}",
+        target.quoted(),
+        m.target_list(),
+        m.select_list(),
+        source.quoted(),
+        m.on_conflict()
+    )
+}
+
+/// The key `$offset` keys after `lo` (and not past `hi`), in key order: the
+/// upper bound of the next chunk, as text. Parameters: `lo` key columns,
+/// `hi` key columns, then the offset.
+pub fn next_bound(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) -> String {
+    let n = m.source_key.len();
+    let cols: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&p| format!("src.{}::text", quote_ident(&m.source_columns[p].name)))
+        .collect();
+    let order: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&p| format!("src.{}", quote_ident(&m.source_columns[p].name)))
+        .collect();
+    let mut conds = Vec::new();
+    let mut next = 1;
+    if has_lo {
+        conds.push(format!("{} > {}", source_key_row(m), key_params(m, next)));
+        next += n;
+    }
+    if has_hi {
+        conds.push(format!("{} <= {}", source_key_row(m), key_params(m, next)));
+        next += n;
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    format!(
+        "SELECT {} FROM ONLY {} AS src {filter} ORDER BY {} OFFSET ${next}::int8 LIMIT 1",
+        cols.join(", "),
+        source.quoted(),
+        order.join(", ")
+    )
+}
+
+/// Partial update for rows carrying only `carried` columns, recomputing
+/// `update` target columns. Returns the keys it found (as text).
+pub fn partial_update(
+    m: &Mapping,
+    target: &TableName,
+    carried: &[usize],
+    update: &[usize],
+) -> String {
+    let keys: Vec<String> = m
+        .source_key
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            format!(
+                "src.{} AS \"__k{i}\"",
+                quote_ident(&m.source_columns[p].name)
+            )
+        })
+        .collect();
+    let key_text: Vec<String> = (0..m.source_key.len())
+        .map(|i| format!("v.\"__k{i}\"::text"))
+        .collect();
+    let join: Vec<String> = m
+        .key_pairs
+        .iter()
+        .map(|(t, s)| {
+            let i = m.source_key.iter().position(|k| k == s).unwrap_or(0);
+            format!(
+                "t.{} = v.\"__k{i}\"",
+                quote_ident(&m.target_columns[*t].name)
+            )
+        })
+        .collect();
+    let unnest = m.unnest_source(carried, 1);
+    if update.is_empty() {
+        return format!(
+            "SELECT {} FROM (SELECT {} FROM {unnest}) AS v WHERE EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+            key_text.join(", "),
+            keys.join(", "),
+            target.quoted(),
+            join.join(" AND ")
+        );
+    }
+    let values: Vec<String> = update
+        .iter()
+        .map(|&i| {
+            format!(
+                "{} AS {}",
+                m.target_columns[i].expr,
+                quote_ident(&m.target_columns[i].name)
+            )
+        })
+        .collect();
+    let sets: Vec<String> = update
+        .iter()
+        .map(|&i| format!("{0} = v.{0}", quote_ident(&m.target_columns[i].name)))
+        .collect();
+    format!(
+        "UPDATE {} AS t SET {} FROM (SELECT {}, {} FROM {unnest}) AS v WHERE {} RETURNING {}",
+        target.quoted(),
+        sets.join(", "),
+        keys.join(", "),
+        values.join(", "),
+        join.join(" AND "),
+        key_text.join(", ")
+    )
+}

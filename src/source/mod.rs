@@ -1,0 +1,2 @@
+//! Sources of change: only PostgreSQL for now.
+pub mod postgres;

@@ -1,0 +1,93 @@
+//! PostgreSQL as a source: connections, introspection and the logical
+//! replication reader. This module only reads the source (gh-ost's
+//! "inspector" and "streamer" roles); every write is the sink's or the
+//! runtime's.
+
+pub mod introspect;
+pub mod replication;
+
+use crate::error::{Error, Result};
+use tokio_postgres::{Client, NoTls};
+
+/// Opens a regular connection; the connection task is spawned and its error
+/// (if any) is logged without the DSN.
+pub async fn connect(dsn: &str, purpose: &'static str) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .map_err(Error::db(format!("connect ({purpose})")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(purpose, error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The DSN with `replication=database` added, for the walsender connection.
+pub fn replication_dsn(dsn: &str) -> String {
+    if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
+        let sep = if dsn.contains('?') { '&' } else { '?' };
+        format!("{dsn}{sep}replication=database")
+    } else {
+        format!("{dsn} replication=database")
+    }
+}
+
+/// Hides the password of a DSN for messages and debug output.
+pub fn redact_dsn(dsn: &str) -> String {
+    let mut out = Vec::new();
+    for part in dsn.split_whitespace() {
+        if part.starts_with("password=") {
+            out.push("password=***".to_string());
+        } else {
+            out.push(part.to_string());
+        }
+    }
+    let joined = out.join(" ");
+    // URL form: scheme://user:secret@host
+    if let (Some(scheme_end), Some(at)) = (joined.find("://"), joined.find('@')) {
+        let userinfo = &joined[scheme_end + 3..at];
+        if let Some(colon) = userinfo.find(':') {
+            return format!(
+                "{}{}:***{}",
+                &joined[..scheme_end + 3],
+                &userinfo[..colon],
+                &joined[at..]
+            );
+        }
+    }
+    joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_dsn_for_both_forms() {
+        assert_eq!(
+            replication_dsn("host=x port=5"),
+            "host=x port=5 replication=database"
+        );
+        assert_eq!(
+            replication_dsn("postgres://u@h/db"),
+            "postgres://u@h/db?replication=database"
+        );
+        assert_eq!(
+            replication_dsn("postgres://u@h/db?sslmode=disable"),
+            "postgres://u@h/db?sslmode=disable&replication=database"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact_dsn("host=x password=hunter2 user=u"),
+            "host=x password=*** user=u"
+        );
+        assert_eq!(
+            redact_dsn("postgres://u:hunter2@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+}

@@ -1,0 +1,134 @@
+use super::*;
+
+const GOOD: &str = r#"
+name: orders_v2
+source: { dsn_env: SRC_DSN, table: public.orders }
+target:
+  table: public.orders_v2
+  ddl: "CREATE TABLE public.orders_v2 (id bigint primary key, cents bigint)"
+mapping:
+  columns:
+    - id
+    - { target: cents, expr: "(amount * 100)::bigint" }
+    - { target: state, from: status }
+  drop: [legacy]
+backfill: { chunk_rows: 1000, workers: 2, rate_limit_rows_per_s: 500 }
+throttle: { max_slot_lag_bytes: 1GB }
+"#;
+
+fn problems(text: &str) -> Vec<(String, String)> {
+    match parse(Path::new("p.yaml"), text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .problems
+            .into_iter()
+            .map(|p| (p.field, p.reason))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_good_file_compiles() {
+    let p = parse(Path::new("p.yaml"), GOOD).unwrap();
+    assert_eq!(p.name, "orders_v2");
+    assert_eq!(
+        p.source_table,
+        TableName {
+            schema: "public".into(),
+            name: "orders".into()
+        }
+    );
+    assert_eq!(p.mapping.len(), 3);
+    assert_eq!(p.mapping[0].source, Source::Column("id".into()));
+    assert_eq!(
+        p.mapping[1].source,
+        Source::Expr("(amount * 100)::bigint".into())
+    );
+    assert_eq!(p.mapping[2].source, Source::Column("status".into()));
+    assert_eq!(p.dropped, vec!["legacy".to_string()]);
+    assert_eq!(p.backfill.workers, 2);
+    assert_eq!(p.backfill.rate_limit_rows_per_s, Some(500));
+    assert_eq!(p.throttle.max_slot_lag_bytes, Some(1 << 30));
+    assert_eq!(p.slot_name(), "rowshift_orders_v2");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+name: Bad-Name
+source: { table: "a.b.c", colour: blue }
+target: { table: public.t }
+mapping:
+  columns:
+    - { target: x, from: a, expr: "1" }
+    - 42
+    - { target: y }
+    - { target: y }
+backfill: { chunk_rows: 0, workers: many }
+throttle: { max_slot_lag_bytes: lots }
+transport: { kind: carrier_pigeon }
+extra: 1
+"#;
+    let found = problems(text);
+    let fields: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+    for expected in [
+        "name",
+        "source.dsn_env",
+        "source.table",
+        "source.colour",
+        "target.ddl",
+        "mapping.columns[0]",
+        "mapping.columns[1]",
+        "mapping.columns[3].target",
+        "backfill.chunk_rows",
+        "backfill.workers",
+        "throttle.max_slot_lag_bytes",
+        "transport.kind",
+        "extra",
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "missing {expected} in {found:#?}"
+        );
+    }
+    let unknown = found.iter().find(|(f, _)| f == "source.colour").unwrap();
+    assert!(unknown.1.contains("unknown field"), "{unknown:?}");
+}
+
+#[test]
+fn missing_sections_and_same_table() {
+    let found = problems("name: x\n");
+    let fields: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(fields.contains(&"source"));
+    assert!(fields.contains(&"target"));
+    assert!(fields.contains(&"mapping"));
+
+    let same = GOOD.replace("public.orders_v2\n", "public.orders\n");
+    let found = problems(&same);
+    assert!(found.iter().any(|(f, _)| f == "target.table"), "{found:?}");
+}
+
+#[test]
+fn dropped_and_mapped_is_an_error_and_yaml_errors_have_a_position() {
+    let text = GOOD.replace("drop: [legacy]", "drop: [status]");
+    let found = problems(&text);
+    assert!(
+        found
+            .iter()
+            .any(|(f, r)| f == "mapping.drop" && r.contains("status")),
+        "{found:?}"
+    );
+
+    let found = problems("name: [unclosed\n");
+    assert!(found[0].0.starts_with("(line"), "{found:?}");
+}
+
+#[test]
+fn error_display_names_file_field_and_reason() {
+    let err = parse(Path::new("pipelines/x.yaml"), "name: x\n").unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("pipelines/x.yaml: source: is required"),
+        "{text}"
+    );
+}

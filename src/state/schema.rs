@@ -1,0 +1,95 @@
+//! The `rowshift` schema and its upgrades. Each step runs once, in order,
+//! recorded in `rowshift.schema_version`, under a transaction-level advisory
+//! lock so two processes starting at once do not race.
+
+use crate::error::{Error, Result};
+use tokio_postgres::Client;
+
+const STEPS: &[&str] = &[
+    // 1: initial layout
+    "CREATE TABLE rowshift.pipelines (
+        name text PRIMARY KEY,
+        spec_hash text NOT NULL,
+        file text NOT NULL,
+        source_table text NOT NULL,
+        target_table text NOT NULL,
+        phase text NOT NULL,
+        desired text NOT NULL DEFAULT 'run',
+        failure text,
+        hint text,
+        created_target bool NOT NULL DEFAULT false,
+        created_publication bool NOT NULL DEFAULT false,
+        created_slot bool NOT NULL DEFAULT false,
+        ranges_planned bool NOT NULL DEFAULT false,
+        applied_lsn pg_lsn,
+        applied_at timestamptz,
+        events_applied int8 NOT NULL DEFAULT 0,
+        lag_ms int8,
+        rows_estimated int8,
+        throttled text,
+        owner text,
+        owner_since timestamptz,
+        runner_seen_at timestamptz,
+        backfill_started_at timestamptz,
+        backfill_finished_at timestamptz,
+        caught_up_at timestamptz,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+     );
+     CREATE TABLE rowshift.backfill_ranges (
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        range_no int4 NOT NULL,
+        lo text[],
+        hi text[],
+        cursor text[],
+        done bool NOT NULL DEFAULT false,
+        rows_copied int8 NOT NULL DEFAULT 0,
+        chunks_done int8 NOT NULL DEFAULT 0,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, range_no)
+     );
+     CREATE TABLE rowshift.audit_log (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        event text NOT NULL,
+        detail text NOT NULL DEFAULT ''
+     );",
+];
+
+/// Creates or upgrades the schema.
+pub async fn ensure_schema(client: &mut Client) -> Result<()> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(Error::db("begin schema upgrade"))?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(hashtext('rowshift:schema'));
+         CREATE SCHEMA IF NOT EXISTS rowshift;
+         CREATE TABLE IF NOT EXISTS rowshift.schema_version (version int4 NOT NULL);",
+    )
+    .await
+    .map_err(Error::db("create rowshift schema"))?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM rowshift.schema_version",
+            &[],
+        )
+        .await
+        .map_err(Error::db("read schema version"))?
+        .get(0);
+    for (i, step) in STEPS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(step)
+            .await
+            .map_err(Error::db(format!("upgrade rowshift schema to {}", i + 1)))?;
+        tx.execute(
+            "INSERT INTO rowshift.schema_version VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await
+        .map_err(Error::db("record schema version"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(Error::db("commit schema upgrade"))
+}

@@ -1,0 +1,227 @@
+//! The consistency torture test and the crash test: concurrent writes of
+//! every kind during and after the backfill; the target must equal the
+//! mapped source, compared row by row.
+
+use crate::support::*;
+use crate::workload::*;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
+const ITEMS: i64 = 50_000;
+
+struct Writers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+async fn start_writers(db: &TestDb, seed: u64, n: u64) -> Writers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicI64::new(10_000_000 + seed as i64 * 1_000_000));
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let c = db.client().await;
+        handles.push(tokio::spawn(write_randomly(
+            c,
+            seed * 100 + i,
+            stop.clone(),
+            next.clone(),
+            ITEMS,
+        )));
+    }
+    Writers { stop, handles }
+}
+
+impl Writers {
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for h in self.handles {
+            total += h.await.expect("writer");
+        }
+        total
+    }
+}
+
+async fn phase(c: &tokio_postgres::Client, name: &str) -> (String, i64, bool) {
+    let r = c
+        .query_one(
+            "SELECT p.phase, coalesce(sum(r.chunks_done), 0)::int8, coalesce(bool_and(r.done), false) \
+             FROM rowshift.pipelines p LEFT JOIN rowshift.backfill_ranges r ON r.pipeline = p.name WHERE p.name = $1 GROUP BY p.phase",
+            &[&name],
+        )
+        .await
+        .expect("phase");
+    (r.get(0), r.get(1), r.get(2))
+}
+
+async fn exists(c: &tokio_postgres::Client) -> bool {
+    c.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'rowshift'", &[])
+        .await
+        .map(|r| r.is_some())
+        .unwrap_or(false)
+}
+
+async fn assert_equal(c: &tokio_postgres::Client, mapped: &str, target: &str) {
+    if let Some(d) = diff(c, mapped, target).await {
+        panic!("target {target} differs from the mapped source:\n{d}");
+    }
+    let a: i64 = c
+        .query_one(&format!("SELECT count(*) FROM ({mapped}) s"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    let b: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(a, b, "row counts");
+    assert!(a > 0, "compared an empty table");
+}
+
+async fn torture(seed: u64) {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 2_000).await;
+    let items = db.pipeline("items.yaml", &items_pipeline("items_v2", 700, 25_000, 2));
+    let pairs = db.pipeline("pairs.yaml", &pairs_pipeline("pairs_v2"));
+    let writers = start_writers(&db, seed, 3).await;
+    let mut run_items = db.spawn_run(&items, "items");
+    let mut run_pairs = db.spawn_run(&pairs, "pairs");
+    // Writes run during the whole backfill and for a while after it.
+    wait_for("items backfill to finish", Duration::from_secs(120), || async {
+        exists(&c).await && c.query_opt("SELECT 1 FROM rowshift.pipelines WHERE name = 'items_v2' AND backfill_finished_at IS NOT NULL", &[]).await.ok().flatten().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let statements = writers.stop().await;
+    assert!(
+        statements > 500,
+        "the writers ran only {statements} statements"
+    );
+    wait_caught_up(&c, "items_v2", Duration::from_secs(60)).await;
+    wait_caught_up(&c, "pairs_v2", Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, "items_v2").await;
+    assert_equal(&c, PAIRS_MAPPED, "pairs_v2").await;
+    // Partial (TOAST-unchanged) updates kept the big values.
+    let toasted: i64 = c
+        .query_one(
+            "SELECT count(*) FROM items_v2 WHERE length(body) > 4000",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        toasted > 1000,
+        "expected TOASTed rows in the target, found {toasted}"
+    );
+    kill(&mut run_items);
+    kill(&mut run_pairs);
+    for name in ["items_v2", "pairs_v2"] {
+        let out = db.rowshift(&["abort", name]);
+        assert!(out.status.success(), "abort {name}: {}", stderr(&out));
+    }
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(left, 0, "abort left replication slots behind");
+    assert!(
+        c.query_opt("SELECT 1 FROM pg_publication", &[])
+            .await
+            .expect("pubs")
+            .is_none(),
+        "abort left a publication"
+    );
+    assert!(c
+        .query_opt("SELECT to_regclass('items_v2')::text", &[])
+        .await
+        .expect("q")
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_seed_1() {
+    torture(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_seed_2() {
+    torture(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_seed_3() {
+    torture(3).await;
+}
+
+/// kill -9 during the backfill and again while streaming; every restart
+/// resumes from stored state and the result equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_backfill_and_streaming() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 500).await;
+    let items = db.pipeline("items.yaml", &items_pipeline("items_v2", 500, 8_000, 2));
+    let writers = start_writers(&db, 7, 2).await;
+
+    let mut run = db.spawn_run(&items, "1");
+    wait_for("some chunks copied", Duration::from_secs(60), || async {
+        exists(&c).await && c.query_opt("SELECT 1 FROM rowshift.backfill_ranges WHERE pipeline = 'items_v2' AND chunks_done >= 3", &[]).await.ok().flatten().is_some()
+    })
+    .await;
+    kill(&mut run);
+    let (phase1, chunks1, done1) = phase(&c, "items_v2").await;
+    assert_eq!(phase1, "backfilling");
+    assert!(!done1, "the kill was meant to land during the backfill");
+
+    // A second process cannot run the same pipeline while one holds it.
+    let mut run = db.spawn_run(&items, "2");
+    wait_for(
+        "the restarted run to take over",
+        Duration::from_secs(30),
+        || async {
+            let (_, chunks, _) = phase(&c, "items_v2").await;
+            chunks > chunks1
+        },
+    )
+    .await;
+    let second = db.rowshift(&[
+        "run",
+        items.to_str().expect("path"),
+        "--exit-when-caught-up",
+    ]);
+    assert!(!second.status.success());
+    assert!(
+        stderr(&second).contains("already being run"),
+        "{}",
+        stderr(&second)
+    );
+
+    wait_for(
+        "caught up after the first crash",
+        Duration::from_secs(120),
+        || async { phase(&c, "items_v2").await.0 == "caught_up" },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await; // writers keep streaming changes
+    kill(&mut run);
+
+    let mut run = db.spawn_run(&items, "3");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writers.stop().await;
+    wait_caught_up(&c, "items_v2", Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, "items_v2").await;
+    let (_, chunks_end, _) = phase(&c, "items_v2").await;
+    assert!(chunks_end >= chunks1, "the chunk cursor went backwards");
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", "items_v2"]).status.success());
+}

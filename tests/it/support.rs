@@ -1,0 +1,164 @@
+//! Test harness: the PostgreSQL clusters are started by scripts/test.sh
+//! (ports in ROWSHIFT_TEST_PG_PORT and ROWSHIFT_TEST_PG_REPLICA_PORT); each
+//! test gets its own database with a random name, and runs the real
+//! `rowshift` binary as a child process (so it can be killed with SIGKILL).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+pub fn port(var: &str) -> u16 {
+    std::env::var(var)
+        .unwrap_or_else(|_| {
+            panic!(
+                "{var} is not set: run the tests through scripts/test.sh, which starts PostgreSQL"
+            )
+        })
+        .parse()
+        .expect("port number")
+}
+
+pub fn dsn(port: u16, db: &str) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname={db}")
+}
+
+pub async fn connect(dsn: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A fresh database on the cluster at `port_var`.
+pub struct TestDb {
+    pub dsn: String,
+    pub dir: PathBuf,
+}
+
+impl TestDb {
+    pub async fn new(port_var: &str) -> TestDb {
+        let port = port(port_var);
+        let name = format!("t_{}", rand::random::<u32>());
+        let admin = connect(&dsn(port, "postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let dir = std::env::temp_dir().join(format!("rowshift-{name}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TestDb {
+            dsn: dsn(port, &name),
+            dir,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.dsn).await
+    }
+
+    /// Writes a pipeline file for this database.
+    pub fn pipeline(&self, file: &str, yaml: &str) -> PathBuf {
+        let path = self.dir.join(file);
+        std::fs::write(&path, yaml).expect("write pipeline");
+        path
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rowshift"));
+        c.args(args)
+            .env("ROWSHIFT_SOURCE_DSN", &self.dsn)
+            .env("RUST_LOG", "info,pg_walstream=warn");
+        c
+    }
+
+    /// Runs rowshift to completion.
+    pub fn rowshift(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rowshift")
+    }
+
+    /// Starts `rowshift run FILE` in the background (logs to a file in the test dir).
+    pub fn spawn_run(&self, file: &std::path::Path, tag: &str) -> Child {
+        let log = std::fs::File::create(self.dir.join(format!("run-{tag}.log"))).expect("log file");
+        self.command(&["run", file.to_str().expect("utf-8 path")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn rowshift")
+    }
+}
+
+/// Polls `probe` until it returns true; panics with `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !probe().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the pipeline has applied everything written so far: its
+/// applied position passes the source's current WAL position.
+pub async fn wait_caught_up(c: &Client, pipeline: &str, limit: Duration) {
+    let target: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    wait_for(&format!("{pipeline} to apply up to {target}"), limit, || async {
+        let row = c
+            .query_opt(
+                "SELECT applied_lsn >= $2::text::pg_lsn AND phase = 'caught_up' FROM rowshift.pipelines WHERE name = $1",
+                &[&pipeline, &target],
+            )
+            .await
+            .ok()
+            .flatten();
+        row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false)
+    })
+    .await;
+}
+
+/// Full comparison: the mapped source and the target hold exactly the same
+/// rows (as multisets). Returns a description of the first differences.
+pub async fn diff(c: &Client, mapped_source: &str, target: &str) -> Option<String> {
+    let sql = format!(
+        "SELECT 'missing in target' AS side, x::text FROM (({mapped_source}) EXCEPT ALL (SELECT * FROM {target})) x \
+         UNION ALL SELECT 'extra in target', y::text FROM ((SELECT * FROM {target}) EXCEPT ALL ({mapped_source})) y LIMIT 6"
+    );
+    let rows = c.query(&sql, &[]).await.expect("compare");
+    if rows.is_empty() {
+        return None;
+    }
+    Some(
+        rows.iter()
+            .map(|r| {
+                let side: String = r.get(0);
+                let text: String = r.get(1);
+                format!("{side}: {}", text.chars().take(160).collect::<String>())
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+pub fn kill(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
