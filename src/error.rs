@@ -15,7 +15,7 @@ pub enum Error {
     #[error("preflight refused the pipeline; nothing was changed:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Preflight { problems: Vec<String> },
     /// A database statement failed.
-    #[error("database: {context}: {source}")]
+    #[error("database: {context}: {}", db_text(.source))]
     Db {
         context: String,
         #[source]
@@ -30,6 +30,17 @@ pub enum Error {
     /// The run was stopped on purpose (abort, signal).
     #[error("stopped: {0}")]
     Stopped(String),
+}
+
+/// PostgreSQL's own message (and detail) rather than tokio-postgres' "db error".
+pub fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.detail() {
+            Some(detail) => format!("{} ({}; {detail})", d.message(), d.code().code()),
+            None => format!("{} ({})", d.message(), d.code().code()),
+        },
+        None => e.to_string(),
+    }
 }
 
 /// What a caller should do with an error.

@@ -86,7 +86,7 @@ struct DsnArg {
 fn resolve(name: &str, dsn: &DsnArg) -> anyhow::Result<(String, String)> {
     let path = PathBuf::from(name);
     let (name, var) = if name.ends_with(".yaml") || name.ends_with(".yml") || path.is_file() {
-        let p = spec::load(&path)?;
+        let p = spec::load(&path).map_err(Error::from)?;
         (p.name, p.source_dsn_env)
     } else {
         (name.to_string(), dsn.dsn_env.clone())
@@ -124,14 +124,14 @@ async fn main() {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Plan { file } => {
-            let p = spec::load(&file)?;
+            let p = spec::load(&file).map_err(Error::from)?;
             print!("{}", rowshift::plan::plan(&p).await?);
         }
         Command::Run {
             file,
             exit_when_caught_up,
         } => {
-            let p = spec::load(&file)?;
+            let p = spec::load(&file).map_err(Error::from)?;
             run(&p, exit_when_caught_up).await?;
         }
         Command::Status { name, output, dsn } => {

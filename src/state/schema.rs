@@ -57,8 +57,19 @@ const STEPS: &[&str] = &[
      );",
 ];
 
-/// Creates or upgrades the schema.
+/// Creates or upgrades the schema. Two processes creating it at the same
+/// moment can collide in the catalog; the loser retries once and then finds
+/// the schema in place.
 pub async fn ensure_schema(client: &mut Client) -> Result<()> {
+    match try_ensure(client).await {
+        Err(Error::Db { source, .. }) if source.code().map(|c| c.code()) == Some("23505") => {
+            try_ensure(client).await
+        }
+        other => other,
+    }
+}
+
+async fn try_ensure(client: &mut Client) -> Result<()> {
     let tx = client
         .transaction()
         .await

@@ -85,14 +85,20 @@ async fn torture(seed: u64) {
     let db = TestDb::new(MAIN).await;
     let c = db.client().await;
     create_tables(&c, ITEMS, 2_000).await;
-    let items = db.pipeline("items.yaml", &items_pipeline("items_v2", 700, 25_000, 2));
-    let pairs = db.pipeline("pairs.yaml", &pairs_pipeline("pairs_v2"));
+    let (iname, pname) = (format!("items_{}", db.tag), format!("pairs_{}", db.tag));
+    let items = db.pipeline("items.yaml", &items_pipeline(&iname, 700, 25_000, 2));
+    let pairs = db.pipeline("pairs.yaml", &pairs_pipeline(&pname));
     let writers = start_writers(&db, seed, 3).await;
     let mut run_items = db.spawn_run(&items, "items");
     let mut run_pairs = db.spawn_run(&pairs, "pairs");
     // Writes run during the whole backfill and for a while after it.
     wait_for("items backfill to finish", Duration::from_secs(120), || async {
-        exists(&c).await && c.query_opt("SELECT 1 FROM rowshift.pipelines WHERE name = 'items_v2' AND backfill_finished_at IS NOT NULL", &[]).await.ok().flatten().is_some()
+        exists(&c).await
+            && c.query_opt("SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL", &[&iname])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -101,14 +107,14 @@ async fn torture(seed: u64) {
         statements > 500,
         "the writers ran only {statements} statements"
     );
-    wait_caught_up(&c, "items_v2", Duration::from_secs(60)).await;
-    wait_caught_up(&c, "pairs_v2", Duration::from_secs(60)).await;
-    assert_equal(&c, ITEMS_MAPPED, "items_v2").await;
-    assert_equal(&c, PAIRS_MAPPED, "pairs_v2").await;
+    wait_caught_up(&c, &iname, Duration::from_secs(60)).await;
+    wait_caught_up(&c, &pname, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &iname).await;
+    assert_equal(&c, PAIRS_MAPPED, &pname).await;
     // Partial (TOAST-unchanged) updates kept the big values.
     let toasted: i64 = c
         .query_one(
-            "SELECT count(*) FROM items_v2 WHERE length(body) > 4000",
+            &format!("SELECT count(*) FROM {iname} WHERE length(body) > 4000"),
             &[],
         )
         .await
@@ -120,7 +126,7 @@ async fn torture(seed: u64) {
     );
     kill(&mut run_items);
     kill(&mut run_pairs);
-    for name in ["items_v2", "pairs_v2"] {
+    for name in [&iname, &pname] {
         let out = db.rowshift(&["abort", name]);
         assert!(out.status.success(), "abort {name}: {}", stderr(&out));
     }
@@ -140,12 +146,12 @@ async fn torture(seed: u64) {
             .is_none(),
         "abort left a publication"
     );
-    assert!(c
-        .query_opt("SELECT to_regclass('items_v2')::text", &[])
+    let target: Option<String> = c
+        .query_one("SELECT to_regclass($1)::text", &[&iname])
         .await
         .expect("q")
-        .and_then(|r| r.get::<_, Option<String>>(0))
-        .is_none());
+        .get(0);
+    assert!(target.is_none(), "abort left the target table");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,16 +176,17 @@ async fn crash_during_backfill_and_streaming() {
     let db = TestDb::new(MAIN).await;
     let c = db.client().await;
     create_tables(&c, ITEMS, 500).await;
-    let items = db.pipeline("items.yaml", &items_pipeline("items_v2", 500, 8_000, 2));
+    let name = format!("crash_{}", db.tag);
+    let items = db.pipeline("items.yaml", &items_pipeline(&name, 500, 8_000, 2));
     let writers = start_writers(&db, 7, 2).await;
 
     let mut run = db.spawn_run(&items, "1");
     wait_for("some chunks copied", Duration::from_secs(60), || async {
-        exists(&c).await && c.query_opt("SELECT 1 FROM rowshift.backfill_ranges WHERE pipeline = 'items_v2' AND chunks_done >= 3", &[]).await.ok().flatten().is_some()
+        exists(&c).await && c.query_opt("SELECT 1 FROM rowshift.backfill_ranges WHERE pipeline = $1 AND chunks_done >= 3 LIMIT 1", &[&name]).await.ok().flatten().is_some()
     })
     .await;
     kill(&mut run);
-    let (phase1, chunks1, done1) = phase(&c, "items_v2").await;
+    let (phase1, chunks1, done1) = phase(&c, &name).await;
     assert_eq!(phase1, "backfilling");
     assert!(!done1, "the kill was meant to land during the backfill");
 
@@ -189,7 +196,7 @@ async fn crash_during_backfill_and_streaming() {
         "the restarted run to take over",
         Duration::from_secs(30),
         || async {
-            let (_, chunks, _) = phase(&c, "items_v2").await;
+            let (_, chunks, _) = phase(&c, &name).await;
             chunks > chunks1
         },
     )
@@ -209,7 +216,7 @@ async fn crash_during_backfill_and_streaming() {
     wait_for(
         "caught up after the first crash",
         Duration::from_secs(120),
-        || async { phase(&c, "items_v2").await.0 == "caught_up" },
+        || async { phase(&c, &name).await.0 == "caught_up" },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await; // writers keep streaming changes
@@ -218,10 +225,10 @@ async fn crash_during_backfill_and_streaming() {
     let mut run = db.spawn_run(&items, "3");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     writers.stop().await;
-    wait_caught_up(&c, "items_v2", Duration::from_secs(60)).await;
-    assert_equal(&c, ITEMS_MAPPED, "items_v2").await;
-    let (_, chunks_end, _) = phase(&c, "items_v2").await;
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    let (_, chunks_end, _) = phase(&c, &name).await;
     assert!(chunks_end >= chunks1, "the chunk cursor went backwards");
     kill(&mut run);
-    assert!(db.rowshift(&["abort", "items_v2"]).status.success());
+    assert!(db.rowshift(&["abort", &name]).status.success());
 }

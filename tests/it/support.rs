@@ -33,6 +33,8 @@ pub async fn connect(dsn: &str) -> Client {
 
 /// A fresh database on the cluster at `port_var`.
 pub struct TestDb {
+    /// Random per-test suffix: slots are cluster-wide, so names must be unique.
+    pub tag: String,
     pub dsn: String,
     pub dir: PathBuf,
 }
@@ -40,7 +42,8 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(port_var: &str) -> TestDb {
         let port = port(port_var);
-        let name = format!("t_{}", rand::random::<u32>());
+        let tag = format!("{:08x}", rand::random::<u32>());
+        let name = format!("t_{tag}");
         let admin = connect(&dsn(port, "postgres")).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -51,6 +54,7 @@ impl TestDb {
         TestDb {
             dsn: dsn(port, &name),
             dir,
+            tag,
         }
     }
 
@@ -82,13 +86,14 @@ impl TestDb {
     }
 
     /// Starts `rowshift run FILE` in the background (logs to a file in the test dir).
-    pub fn spawn_run(&self, file: &std::path::Path, tag: &str) -> Child {
+    pub fn spawn_run(&self, file: &std::path::Path, tag: &str) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("run-{tag}.log"))).expect("log file");
         self.command(&["run", file.to_str().expect("utf-8 path")])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
+            .map(Proc)
             .expect("spawn rowshift")
     }
 }
@@ -154,9 +159,19 @@ pub async fn diff(c: &Client, mapped_source: &str, target: &str) -> Option<Strin
     )
 }
 
-pub fn kill(child: &mut Child) {
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+/// A running rowshift process; killed (SIGKILL) when dropped, so a failing
+/// test does not leave it behind.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill(self);
+    }
+}
+
+pub fn kill(p: &mut Proc) {
+    let _ = p.0.kill(); // SIGKILL
+    let _ = p.0.wait();
 }
 
 pub fn stderr(o: &Output) -> String {

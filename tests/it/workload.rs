@@ -54,7 +54,7 @@ mapping:
     - tags
     - blob
     - {{ target: seen_at, from: seen }}
-  drop: [price, legacy, seen]
+  drop: [price, legacy]
 backfill: {{ chunk_rows: {chunk_rows}, rate_limit_rows_per_s: {rate}, workers: {workers} }}
 "#
     )
