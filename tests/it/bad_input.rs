@@ -9,28 +9,7 @@ async fn nothing_created(db: &TestDb, target: &str) {
         .await
         .expect("q");
     assert!(schema.is_none(), "the rowshift schema was created");
-    let slots: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .expect("q")
-        .get(0);
-    assert_eq!(slots, 0, "a slot was created");
-    assert!(
-        c.query_opt("SELECT 1 FROM pg_publication", &[])
-            .await
-            .expect("q")
-            .is_none(),
-        "a publication was created"
-    );
-    let t: Option<String> = c
-        .query_one("SELECT to_regclass($1)::text", &[&target])
-        .await
-        .expect("q")
-        .get(0);
-    assert!(t.is_none(), "the target table {target} was created");
+    assert_no_leftovers(&c, target).await;
 }
 
 fn pipeline(table: &str, ddl: &str, mapping: &str) -> String {

@@ -130,28 +130,7 @@ async fn torture(seed: u64) {
         let out = db.rowshift(&["abort", name]);
         assert!(out.status.success(), "abort {name}: {}", stderr(&out));
     }
-    let left: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .expect("slots")
-        .get(0);
-    assert_eq!(left, 0, "abort left replication slots behind");
-    assert!(
-        c.query_opt("SELECT 1 FROM pg_publication", &[])
-            .await
-            .expect("pubs")
-            .is_none(),
-        "abort left a publication"
-    );
-    let target: Option<String> = c
-        .query_one("SELECT to_regclass($1)::text", &[&iname])
-        .await
-        .expect("q")
-        .get(0);
-    assert!(target.is_none(), "abort left the target table");
+    assert_no_leftovers(&c, &iname).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

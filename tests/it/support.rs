@@ -177,3 +177,28 @@ pub fn kill(p: &mut Proc) {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Asserts that rowshift left nothing on the server for this database: no
+/// replication slot, no publication, and no table `target`.
+pub async fn assert_no_leftovers(c: &Client, target: &str) {
+    let slots: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "a replication slot was left behind");
+    let publication = c
+        .query_opt("SELECT 1 FROM pg_publication", &[])
+        .await
+        .expect("publications");
+    assert!(publication.is_none(), "a publication was left behind");
+    let table: Option<String> = c
+        .query_one("SELECT to_regclass($1)::text", &[&target])
+        .await
+        .expect("q")
+        .get(0);
+    assert!(table.is_none(), "the table {target} was left behind");
+}
