@@ -204,7 +204,13 @@ async fn run(p: &spec::Pipeline, exit_when_caught_up: bool) -> anyhow::Result<()
     };
     let mut attempt = 0u32;
     loop {
-        match runtime::run(p, &opts, cancel.clone()).await {
+        let started = std::time::Instant::now();
+        let result = runtime::run(p, &opts, cancel.clone()).await;
+        // A run that lasted a while made progress: count failures afresh.
+        if started.elapsed() > Duration::from_secs(60) {
+            attempt = 0;
+        }
+        match result {
             Ok(()) => return Ok(()),
             Err(Error::Stopped(reason)) => {
                 tracing::info!(pipeline = %p.name, %reason, "stopped; state is saved, `rowshift run` resumes");

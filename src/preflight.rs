@@ -4,7 +4,7 @@
 //! a mapping that does not type-check is reported by PostgreSQL itself,
 //! attributed to its field, with nothing changed.
 
-use crate::error::{Error, Result};
+use crate::error::{db_text, Error, Result};
 use crate::source::postgres::introspect::{self, ServerInfo, TableInfo};
 use crate::spec::{quote_ident, Pipeline, Source};
 use crate::state::PipelineRecord;
@@ -19,16 +19,6 @@ pub struct Checked {
     pub mapping: Mapping,
     /// Informational findings: triggers, foreign keys, sequences and what rowshift does with each.
     pub notes: Vec<String>,
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => match d.detail() {
-            Some(detail) => format!("{} ({detail})", d.message()),
-            None => d.message().to_string(),
-        },
-        None => e.to_string(),
-    }
 }
 
 /// Runs every check; `record` is the stored state when the pipeline was run before.
@@ -127,7 +117,7 @@ pub async fn check(
         if !target_exists {
             for (i, stmt) in p.target_ddl.iter().enumerate() {
                 if let Err(e) = tx.batch_execute(stmt).await {
-                    problems.push(format!("target.ddl[{i}] failed: {}", db_message(&e)));
+                    problems.push(format!("target.ddl[{i}] failed: {}", db_text(&e)));
                     ddl_ok = false;
                     break;
                 }
@@ -279,7 +269,7 @@ async fn check_mapping<C: GenericClient>(
             problems.push(format!(
                 "mapping.columns[{i}] (target column {}): {}",
                 m.target,
-                db_message(&e)
+                db_text(&e)
             ));
         }
         tx.batch_execute("ROLLBACK TO SAVEPOINT mapping_check")

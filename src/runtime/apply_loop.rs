@@ -45,7 +45,7 @@ pub async fn run(
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
 
-    let heartbeat = spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
+    spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
     let reader = ReaderConfig {
         dsn: dsn.to_string(),
         slot: p.slot_name(),
@@ -60,12 +60,8 @@ pub async fn run(
         key_positions: mapping.source_key.clone(),
         heartbeat_prefix: heartbeat_prefix(&p.name),
     };
-    let (source_rx, ack, _reader) = replication::start(
-        reader,
-        pg_walstream::CancellationToken::new(),
-        batch_events * 2,
-    )
-    .await?;
+    let (source_rx, ack, reader) =
+        replication::start(reader, stop.clone(), batch_events * 2).await?;
     let (tx, mut rx) = direct::channel(queue_batches);
     let mut batcher = Batcher::new(source_rx, batch_events);
     let batch_stop = stop.clone();
@@ -110,110 +106,121 @@ pub async fn run(
     let mut lag_ms: Option<i64> = None;
     tracing::info!(pipeline = %p.name, notes = checked.notes.len(), "running");
 
-    loop {
-        if !backfill.finished() && !paused {
-            throttled = throttler.check(&control).await?;
-            if throttled.is_none() && backfill.due() {
-                backfill.round().await?;
-                progress.backfill(backfill.rows_copied(), backfill.chunks_done());
-                if backfill.finished() {
-                    backfill_done_us = Some(now_us());
-                    control
-                        .execute("UPDATE rowshift.pipelines SET backfill_finished_at = now() WHERE name = $1", &[&p.name])
-                        .await
-                        .map_err(Error::db("record backfill end"))?;
-                    state::audit(
-                        &control,
-                        &p.name,
-                        "backfill finished",
-                        &format!("{} rows", backfill.rows_copied()),
-                    )
-                    .await?;
-                    tracing::info!(pipeline = %p.name, rows = backfill.rows_copied(), "backfill finished; waiting to catch up");
-                }
-            }
-        }
-        let backfilling = !backfill.finished() && !paused && throttled.is_none();
-        let wait = if backfilling {
-            backfill
-                .not_before()
-                .saturating_duration_since(Instant::now())
-        } else {
-            Duration::from_millis(250)
-        };
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => {
-                heartbeat.abort();
-                return Err(Error::Stopped("interrupted".into()));
-            }
-            next = rx.recv() => {
-                let batch = match next {
-                    Some(Ok(b)) => b,
-                    Some(Err(e)) => return Err(e),
-                    None => return Err(Error::Replication("the replication stream ended".into())),
-                };
-                if let Some(l) = batch_lag(&batch) {
-                    lag_ms = Some(l);
-                }
-                let checkpoint = apply_checkpoint(&p.name, batch.ack, batch.events.len(), lag_ms);
-                sink.apply(&batch, &checkpoint).await?;
-                if let Some(lsn) = batch.ack {
-                    ack(lsn);
-                }
-                progress.stream(batch.events.len(), lag_ms);
-                let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
-                if passed_done {
-                    if !caught_up {
-                        caught_up = true;
-                        state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
-                        tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
-                    }
-                    if opts.exit_when_caught_up {
-                        progress.finish();
-                        heartbeat.abort();
-                        return Ok(());
+    // Ordered shutdown: leave the loop, stop the heartbeat, the batcher and
+    // the reader, and wait for the reader to release the slot, so that an
+    // in-process retry can start streaming from it again.
+    let result: Result<()> = async {
+        loop {
+            if !backfill.finished() && !paused {
+                throttled = throttler.check(&control).await?;
+                if throttled.is_none() && backfill.due() {
+                    backfill.round().await?;
+                    progress.backfill(backfill.rows_copied(), backfill.chunks_done());
+                    if backfill.finished() {
+                        backfill_done_us = Some(now_us());
+                        control
+                            .execute("UPDATE rowshift.pipelines SET backfill_finished_at = now() WHERE name = $1", &[&p.name])
+                            .await
+                            .map_err(Error::db("record backfill end"))?;
+                        state::audit(
+                            &control,
+                            &p.name,
+                            "backfill finished",
+                            &format!("{} rows", backfill.rows_copied()),
+                        )
+                        .await?;
+                        tracing::info!(pipeline = %p.name, rows = backfill.rows_copied(), "backfill finished; waiting to catch up");
                     }
                 }
             }
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if last_control.elapsed() >= Duration::from_millis(500) {
-            last_control = Instant::now();
-            let desired = state::load(&control, &p.name)
-                .await?
-                .map(|r| r.desired)
-                .unwrap_or(Desired::Abort);
-            match desired {
-                Desired::Abort => {
-                    heartbeat.abort();
-                    return Err(Error::Stopped(format!(
-                        "pipeline {} is being aborted",
-                        p.name
-                    )));
-                }
-                Desired::Pause if !paused => {
-                    paused = true;
-                    tracing::info!(pipeline = %p.name, "paused: backfill stopped, stream keeps applying");
-                }
-                Desired::Run if paused => {
-                    paused = false;
-                    tracing::info!(pipeline = %p.name, "resumed");
-                }
-                _ => {}
-            }
-            let note = if paused {
-                Some("paused by operator".to_string())
+            let backfilling = !backfill.finished() && !paused && throttled.is_none();
+            let wait = if backfilling {
+                backfill
+                    .not_before()
+                    .saturating_duration_since(Instant::now())
             } else {
-                throttled.clone()
+                Duration::from_millis(250)
             };
-            control
-                .execute("UPDATE rowshift.pipelines SET runner_seen_at = now(), throttled = $2 WHERE name = $1", &[&p.name, &note])
-                .await
-                .map_err(Error::db("report liveness"))?;
-            progress.draw(note.as_deref());
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    return Err(Error::Stopped("interrupted".into()));
+                }
+                next = rx.recv() => {
+                    let batch = match next {
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => return Err(e),
+                        None => return Err(Error::Replication("the replication stream ended".into())),
+                    };
+                    if let Some(l) = batch_lag(&batch) {
+                        lag_ms = Some(l);
+                    }
+                    let checkpoint = apply_checkpoint(&p.name, batch.ack, batch.events.len(), lag_ms);
+                    sink.apply(&batch, &checkpoint).await?;
+                    if let Some(lsn) = batch.ack {
+                        ack(lsn);
+                    }
+                    progress.stream(batch.events.len(), lag_ms);
+                    let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
+                    if passed_done {
+                        if !caught_up {
+                            caught_up = true;
+                            state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
+                            tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                        }
+                        if opts.exit_when_caught_up {
+                            progress.finish();
+                                    return Ok(());
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if last_control.elapsed() >= Duration::from_millis(500) {
+                last_control = Instant::now();
+                let desired = state::load(&control, &p.name)
+                    .await?
+                    .map(|r| r.desired)
+                    .unwrap_or(Desired::Abort);
+                match desired {
+                    Desired::Abort => {
+                            return Err(Error::Stopped(format!(
+                            "pipeline {} is being aborted",
+                            p.name
+                        )));
+                    }
+                    Desired::Pause if !paused => {
+                        paused = true;
+                        tracing::info!(pipeline = %p.name, "paused: backfill stopped, stream keeps applying");
+                    }
+                    Desired::Run if paused => {
+                        paused = false;
+                        tracing::info!(pipeline = %p.name, "resumed");
+                    }
+                    _ => {}
+                }
+                let note = if paused {
+                    Some("paused by operator".to_string())
+                } else {
+                    throttled.clone()
+                };
+                control
+                    .execute("UPDATE rowshift.pipelines SET runner_seen_at = now(), throttled = $2 WHERE name = $1", &[&p.name, &note])
+                    .await
+                    .map_err(Error::db("report liveness"))?;
+                progress.draw(note.as_deref());
+            }
         }
     }
+    .await;
+    stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .is_err()
+    {
+        tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
+    }
+    result
 }
 
 /// End-to-end lag of a batch: from the source commit (or heartbeat) to now.
@@ -239,13 +246,9 @@ async fn estimated(control: &Client, name: &str) -> Result<i64> {
 
 /// Writes a heartbeat message into the WAL every second (see
 /// [`crate::source::postgres::replication`]).
-async fn spawn_heartbeat(
-    dsn: &str,
-    prefix: String,
-    stop: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
+async fn spawn_heartbeat(dsn: &str, prefix: String, stop: CancellationToken) -> Result<()> {
     let client = connect(dsn, "heartbeat").await?;
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(1000));
         loop {
             tokio::select! {
@@ -263,5 +266,6 @@ async fn spawn_heartbeat(
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
-    }))
+    });
+    Ok(())
 }

@@ -139,55 +139,12 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
 async fn prepare(control: &mut Client, p: &Pipeline, record: &PipelineRecord) -> Result<()> {
     if !record.created_target {
         state::set_phase(control, &p.name, Phase::Expanding, None).await?;
-        let tx = control
-            .transaction()
-            .await
-            .map_err(Error::db("begin expand"))?;
-        for stmt in &p.target_ddl {
-            tx.batch_execute(stmt)
-                .await
-                .map_err(Error::db("expand (target.ddl)"))?;
-        }
-        tx.execute(
-            "UPDATE rowshift.pipelines SET created_target = true WHERE name = $1",
-            &[&p.name],
-        )
-        .await
-        .map_err(Error::db("record expand"))?;
-        tx.commit().await.map_err(Error::db("commit expand"))?;
-        state::audit(
-            control,
-            &p.name,
-            "created target",
-            &p.target_table.to_string(),
-        )
-        .await?;
+        state::create_recorded(control, &p.name, "target", &p.target_ddl).await?;
     }
     if !record.created_publication {
-        let tx = control
-            .transaction()
-            .await
-            .map_err(Error::db("begin publication"))?;
-        let exists = tx
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&p.publication_name()],
-            )
-            .await
-            .map_err(Error::db("look up publication"))?
-            .is_some();
-        if !exists {
-            tx.batch_execute(&publication_sql(p))
-                .await
-                .map_err(Error::db("create publication"))?;
-        }
-        tx.execute(
-            "UPDATE rowshift.pipelines SET created_publication = true WHERE name = $1",
-            &[&p.name],
-        )
-        .await
-        .map_err(Error::db("record publication"))?;
-        tx.commit().await.map_err(Error::db("commit publication"))?;
+        // Preflight refused a publication of this name that rowshift did not
+        // record, and the record commits with the publication: it is absent.
+        state::create_recorded(control, &p.name, "publication", &[publication_sql(p)]).await?;
     }
     let slot_exists = control
         .query_opt(

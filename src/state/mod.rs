@@ -173,15 +173,19 @@ pub async fn set_phase(
     .await
 }
 
-/// Marks one of the objects rowshift created: `target`, `publication`, `slot`, `ranges`.
-pub async fn mark_created(client: &Client, name: &str, what: &str) -> Result<()> {
-    let column = match what {
+fn created_column(what: &str) -> Result<&'static str> {
+    Ok(match what {
         "target" => "created_target",
         "publication" => "created_publication",
         "slot" => "created_slot",
         "ranges" => "ranges_planned",
         other => return Err(Error::State(format!("unknown created object {other}"))),
-    };
+    })
+}
+
+/// Marks one of the objects rowshift created: `target`, `publication`, `slot`, `ranges`.
+pub async fn mark_created(client: &Client, name: &str, what: &str) -> Result<()> {
+    let column = created_column(what)?;
     client
         .execute(
             &format!(
@@ -191,6 +195,38 @@ pub async fn mark_created(client: &Client, name: &str, what: &str) -> Result<()>
         )
         .await
         .map_err(Error::db("record created object"))?;
+    audit(client, name, &format!("created {what}"), "").await
+}
+
+/// Runs `statements` (DDL) and records `what` as created, in one transaction:
+/// after a crash either both happened or neither did.
+pub async fn create_recorded(
+    client: &mut Client,
+    name: &str,
+    what: &str,
+    statements: &[String],
+) -> Result<()> {
+    let column = created_column(what)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(Error::db(format!("begin create {what}")))?;
+    for stmt in statements {
+        tx.batch_execute(stmt)
+            .await
+            .map_err(Error::db(format!("create {what}")))?;
+    }
+    tx.execute(
+        &format!(
+            "UPDATE rowshift.pipelines SET {column} = true, updated_at = now() WHERE name = $1"
+        ),
+        &[&name],
+    )
+    .await
+    .map_err(Error::db(format!("record {what}")))?;
+    tx.commit()
+        .await
+        .map_err(Error::db(format!("commit create {what}")))?;
     audit(client, name, &format!("created {what}"), "").await
 }
 

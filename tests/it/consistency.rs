@@ -211,3 +211,65 @@ async fn crash_during_backfill_and_streaming() {
     kill(&mut run);
     assert!(db.rowshift(&["abort", &name]).status.success());
 }
+
+/// The server drops every rowshift connection (walsender included) while
+/// changes stream: the same process resumes on its own (transient error →
+/// retry from stored state) and the target still equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_terminated_mid_stream_are_resumed() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, 5_000, 100).await;
+    let name = format!("term_{}", db.tag);
+    let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
+    let writers = start_writers(&db, 11, 2).await;
+    let mut run = db.spawn_run(&items, "1");
+    wait_for("caught up", Duration::from_secs(60), || async {
+        exists(&c).await && phase(&c, &name).await.0 == "caught_up"
+    })
+    .await;
+    let before: i64 = c
+        .query_one(
+            "SELECT events_applied FROM rowshift.pipelines WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .expect("events")
+        .get(0);
+    let killed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'rowshift:%'",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(killed > 0, "no rowshift connection was terminated");
+    // The process keeps running and applies new changes after reconnecting.
+    wait_for(
+        "events applied after the reconnect",
+        Duration::from_secs(60),
+        || async {
+            let now: i64 = c
+                .query_one(
+                    "SELECT events_applied FROM rowshift.pipelines WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            now > before + 50
+        },
+    )
+    .await;
+    assert!(
+        run.0.try_wait().expect("status").is_none(),
+        "rowshift exited instead of resuming"
+    );
+    writers.stop().await;
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", &name]).status.success());
+}

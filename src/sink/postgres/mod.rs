@@ -27,6 +27,8 @@ enum Kind {
     Partial(Vec<usize>),
     CopyRange(bool, bool),
     NextBound(bool, bool),
+    /// A caller's checkpoint SQL (prepared once per distinct text).
+    Checkpoint(String),
 }
 
 /// Counters of one apply.
@@ -82,6 +84,7 @@ impl PgSink {
             }
             Kind::CopyRange(lo, hi) => sql::copy_range(m, &self.source, &self.target, *lo, *hi),
             Kind::NextBound(lo, hi) => sql::next_bound(m, &self.source, *lo, *hi),
+            Kind::Checkpoint(text) => text.clone(),
         };
         let stmt = self
             .client
@@ -90,6 +93,17 @@ impl PgSink {
             .map_err(Error::db(format!("prepare {kind:?}")))?;
         self.statements.insert(kind, stmt.clone());
         Ok(stmt)
+    }
+
+    /// The prepared form of a checkpoint (`None` when there is none).
+    async fn checkpoint_statement(&mut self, checkpoint: &Checkpoint) -> Result<Option<Statement>> {
+        if checkpoint.sql.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.statement(Kind::Checkpoint(checkpoint.sql.clone()))
+                .await?,
+        ))
     }
 
     /// Applies one batch and runs `checkpoint` (SQL) in the same transaction.
@@ -101,6 +115,7 @@ impl PgSink {
             statements.push(self.statements_for(seg).await?);
         }
         let refetch = self.statement(Kind::Refetch).await?;
+        let ckpt = self.checkpoint_statement(checkpoint).await?;
         let target = self.target.quoted();
         let mapping = self.mapping.clone();
         let tx = self
@@ -161,7 +176,7 @@ impl PgSink {
                     exec_keys(&tx, &refetch, &keys, mapping.source_key.len()).await?;
             }
         }
-        run_checkpoint(&tx, checkpoint, None).await?;
+        run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
         tx.commit().await.map_err(Error::db("commit apply"))?;
         Ok(applied)
     }
@@ -228,6 +243,7 @@ impl PgSink {
         for k in [lo, hi].into_iter().flatten() {
             params.extend(k.0.iter().cloned());
         }
+        let ckpt = self.checkpoint_statement(checkpoint).await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p as _).collect();
         let tx = self
@@ -239,7 +255,7 @@ impl PgSink {
             .execute(&stmt, &refs)
             .await
             .map_err(Error::db("copy chunk"))?;
-        run_checkpoint(&tx, checkpoint, Some(n)).await?;
+        run_checkpoint(&tx, ckpt.as_ref(), checkpoint, Some(n)).await?;
         tx.commit().await.map_err(Error::db("commit chunk"))?;
         Ok(n)
     }
@@ -253,19 +269,18 @@ struct SegmentStatements<'a> {
 
 async fn run_checkpoint(
     tx: &Transaction<'_>,
+    prepared: Option<&Statement>,
     checkpoint: &Checkpoint,
     count: Option<u64>,
 ) -> Result<()> {
-    if checkpoint.sql.is_empty() {
-        return Ok(());
-    }
+    let Some(stmt) = prepared else { return Ok(()) };
     let mut params = checkpoint.params.clone();
     if let Some(n) = count {
         params.push(Some(n.to_string()));
     }
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
         params.iter().map(|p| p as _).collect();
-    tx.execute(checkpoint.sql.as_str(), &refs)
+    tx.execute(stmt, &refs)
         .await
         .map_err(Error::db("write checkpoint"))?;
     Ok(())

@@ -11,8 +11,16 @@ use tokio_postgres::{Client, NoTls};
 
 /// Opens a regular connection; the connection task is spawned and its error
 /// (if any) is logged without the DSN.
+/// Every connection names itself `rowshift:<purpose>` in `pg_stat_activity`
+/// unless the DSN sets an application name.
 pub async fn connect(dsn: &str, purpose: &'static str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+    let mut config: tokio_postgres::Config =
+        dsn.parse().map_err(Error::db("parse the source DSN"))?;
+    if config.get_application_name().is_none() {
+        config.application_name(format!("rowshift:{purpose}"));
+    }
+    let (client, connection) = config
+        .connect(NoTls)
         .await
         .map_err(Error::db(format!("connect ({purpose})")))?;
     tokio::spawn(async move {
@@ -25,11 +33,23 @@ pub async fn connect(dsn: &str, purpose: &'static str) -> Result<Client> {
 
 /// The DSN with `replication=database` added, for the walsender connection.
 pub fn replication_dsn(dsn: &str) -> String {
+    let name = if dsn.contains("application_name") {
+        ""
+    } else {
+        "application_name=rowshift:replication"
+    };
     if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
         let sep = if dsn.contains('?') { '&' } else { '?' };
-        format!("{dsn}{sep}replication=database")
+        let name = if name.is_empty() {
+            String::new()
+        } else {
+            format!("&{name}")
+        };
+        format!("{dsn}{sep}replication=database{name}")
     } else {
-        format!("{dsn} replication=database")
+        format!("{dsn} replication=database {name}")
+            .trim_end()
+            .to_string()
     }
 }
 
@@ -67,15 +87,19 @@ mod tests {
     fn replication_dsn_for_both_forms() {
         assert_eq!(
             replication_dsn("host=x port=5"),
-            "host=x port=5 replication=database"
+            "host=x port=5 replication=database application_name=rowshift:replication"
         );
         assert_eq!(
             replication_dsn("postgres://u@h/db"),
-            "postgres://u@h/db?replication=database"
+            "postgres://u@h/db?replication=database&application_name=rowshift:replication"
         );
         assert_eq!(
             replication_dsn("postgres://u@h/db?sslmode=disable"),
-            "postgres://u@h/db?sslmode=disable&replication=database"
+            "postgres://u@h/db?sslmode=disable&replication=database&application_name=rowshift:replication"
+        );
+        assert_eq!(
+            replication_dsn("host=x application_name=app"),
+            "host=x application_name=app replication=database"
         );
     }
 
