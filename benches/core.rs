@@ -1,0 +1,510 @@
+//! Issue 2's benchmarks, each next to the reference it names, in one run:
+//!
+//! 1. backfill of a 2,000,000-row `orders` table vs one `INSERT INTO target
+//!    SELECT <mapping> FROM orders` (the server's own ceiling), back to back;
+//!    peak RSS of the rowshift process during that backfill;
+//! 2. stream apply of a backlog of 200,000 single-row transactions, and of one
+//!    200,000-row transaction, vs PostgreSQL's built-in logical replication
+//!    (a subscription in a second cluster) applying the same backlog;
+//! 3. replication lag (p50/p99/max) under a steady 2,000 writes/s pgbench load
+//!    (70 % updates, 20 % inserts, 10 % deletes) after the backfill.
+//!
+//! Apply rates are timed between a start marker and an end marker becoming
+//! visible in each target (so neither side's start-up is counted). Lag is
+//! timed by probe updates: commit on the source, poll until visible.
+//!
+//! Run: `bash scripts/bench.sh` (installs PostgreSQL if needed). Results are
+//! printed as a Markdown table for docs/benchmarks.md.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+const ROWS: i64 = 2_000_000;
+const BACKLOG: i64 = 200_000;
+
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn start(dir: PathBuf, port: u16) -> Result<Cluster> {
+        let status = Command::new("scripts/pg.sh")
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .arg("logical")
+            .status()?;
+        if !status.success() {
+            bail!("could not start PostgreSQL in {}", dir.display());
+        }
+        Ok(Cluster { dir, port })
+    }
+    fn dsn(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/pg.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+async fn connect(dsn: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+const ORDERS_DDL: &str =
+    "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, \
+    amount numeric(12,2) NOT NULL, status text NOT NULL, note text, legacy_flag boolean, \
+    created_at timestamptz NOT NULL DEFAULT now())";
+
+const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, customer_id bigint NOT NULL, \
+    amount_cents bigint NOT NULL, state text NOT NULL, note text, total_with_tax numeric(14,2) NOT NULL, \
+    created_at timestamptz NOT NULL)";
+
+const MAPPED: &str = "SELECT id, customer_id, round(amount * 100)::bigint, status, note, round(amount * 1.2, 2), created_at FROM orders";
+
+fn pipeline() -> String {
+    format!(
+        r#"name: bench_orders
+source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
+target:
+  table: public.orders_v2
+  ddl: "{TARGET_DDL}"
+mapping:
+  columns:
+    - id
+    - customer_id
+    - {{ target: amount_cents, expr: "round(amount * 100)::bigint" }}
+    - {{ target: state, from: status }}
+    - note
+    - {{ target: total_with_tax, expr: "round(amount * 1.2, 2)" }}
+    - created_at
+  drop: [legacy_flag]
+backfill: {{ chunk_rows: 20000, workers: 2 }}
+transport: {{ kind: direct, batch_events: 10000 }}
+"#
+    )
+}
+
+fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Ok(Command::new(env!("CARGO_BIN_EXE_rowshift"))
+        .args(args)
+        .env("ROWSHIFT_SOURCE_DSN", dsn)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Peak resident set (VmHWM) of a running process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Polls until `SELECT note FROM <table> WHERE id = <id>` equals `want`.
+async fn wait_note(
+    c: &Client,
+    table: &str,
+    id: i64,
+    want: &str,
+    limit: Duration,
+) -> Result<Instant> {
+    let sql = format!("SELECT note FROM {table} WHERE id = $1");
+    let stmt = c.prepare(&sql).await?;
+    let start = Instant::now();
+    loop {
+        let row = c.query_opt(&stmt, &[&id]).await?;
+        if row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(want) {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > limit {
+            bail!("{table}: id {id} did not become {want:?} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn pgbench(port: u16, args: &[&str]) -> Result<Child> {
+    Ok(Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "bench",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+struct Results {
+    rows: Vec<(String, String, String, String)>,
+}
+
+impl Results {
+    fn add(&mut self, what: &str, target: &str, reference: String, ours: String) {
+        println!("{what}: rowshift {ours}; reference {reference} (target {target})");
+        self.rows
+            .push((what.into(), target.into(), reference, ours));
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
+    let work = std::env::temp_dir().join(format!("rowshift-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let source = Cluster::start(work.join("source"), free_port()?)?;
+    let subscriber = Cluster::start(work.join("subscriber"), free_port()?)?;
+    let mut results = Results { rows: Vec::new() };
+    let outcome = run(&source, &subscriber, &work, &mut results).await;
+    println!("\n| measure | target | reference | rowshift |\n|---|---|---|---|");
+    for (what, target, reference, ours) in &results.rows {
+        println!("| {what} | {target} | {reference} | {ours} |");
+    }
+    drop(subscriber);
+    drop(source);
+    match &outcome {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        Err(_) => eprintln!("logs kept in {}", work.display()),
+    }
+    outcome
+}
+
+async fn run(
+    source: &Cluster,
+    subscriber: &Cluster,
+    work: &Path,
+    results: &mut Results,
+) -> Result<()> {
+    let admin = connect(&source.dsn("postgres")).await?;
+    admin.batch_execute("CREATE DATABASE bench").await?;
+    let src = connect(&source.dsn("bench")).await?;
+    let dsn = source.dsn("bench");
+    println!("loading {ROWS} rows ...");
+    src.batch_execute(&format!(
+        "{ORDERS_DDL};
+         INSERT INTO orders (customer_id, amount, status, note, legacy_flag, created_at)
+         SELECT g % 10000, (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3],
+                rpad('order ' || g || ' ', 170, 'lorem ipsum dolor sit amet '), g % 2 = 0, now() - g * interval '1 second'
+         FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await?;
+    src.batch_execute("VACUUM ANALYZE orders").await?;
+    let bytes: i64 = src
+        .query_one(
+            "SELECT pg_relation_size('orders') / count(*) FROM orders",
+            &[],
+        )
+        .await?
+        .get(0);
+    println!("orders: {ROWS} rows, ~{bytes} bytes a row on disk");
+
+    // 1. Backfill vs INSERT ... SELECT, back to back.
+    src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
+        .await?;
+    src.batch_execute("CHECKPOINT").await?;
+    let t = Instant::now();
+    src.batch_execute(&format!("INSERT INTO ref_v2 {MAPPED}"))
+        .await?;
+    let reference = t.elapsed().as_secs_f64();
+    src.batch_execute("DROP TABLE ref_v2").await?;
+    src.batch_execute("CHECKPOINT").await?;
+    let file = work.join("bench.yaml");
+    std::fs::write(&file, pipeline())?;
+    let file_arg = file.to_str().context("path")?;
+    let mut child = rowshift(
+        &dsn,
+        &["run", file_arg, "--exit-when-caught-up"],
+        &work.join("backfill.log"),
+    )?;
+    let mut peak = 0.0f64;
+    let status = loop {
+        if let Some(p) = peak_rss_mib(child.id()) {
+            peak = peak.max(p);
+        }
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !status.success() {
+        bail!(
+            "rowshift run failed; see {}",
+            work.join("backfill.log").display()
+        );
+    }
+    let secs: f64 = src
+        .query_one(
+            "SELECT extract(epoch FROM backfill_finished_at - backfill_started_at)::float8 FROM rowshift.pipelines WHERE name = 'bench_orders'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let ratio = reference / secs;
+    results.add(
+        "backfill, 2M rows, unthrottled",
+        "≥ 0.9× reference",
+        format!(
+            "INSERT … SELECT {reference:.2} s ({:.0} rows/s)",
+            ROWS as f64 / reference
+        ),
+        format!(
+            "{secs:.2} s ({:.0} rows/s) = {ratio:.2}×",
+            ROWS as f64 / secs
+        ),
+    );
+    results.add(
+        "peak RSS during the 2M-row backfill",
+        "< 150 MB",
+        "-".into(),
+        format!("{peak:.1} MiB"),
+    );
+
+    // The built-in reference: a subscription in the second cluster (initial copy not timed).
+    let sub_admin = connect(&subscriber.dsn("postgres")).await?;
+    sub_admin.batch_execute("CREATE DATABASE bench").await?;
+    let sub = connect(&subscriber.dsn("bench")).await?;
+    sub.batch_execute(ORDERS_DDL).await?;
+    src.batch_execute("CREATE PUBLICATION ref_pub FOR TABLE orders")
+        .await?;
+    sub.batch_execute(&format!(
+        "CREATE SUBSCRIPTION ref_sub CONNECTION '{dsn}' PUBLICATION ref_pub"
+    ))
+    .await?;
+    let t = Instant::now();
+    loop {
+        let pending: i64 = sub
+            .query_one(
+                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the subscription's initial copy did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
+        .await?;
+    wait_slot_inactive(&src, "ref_sub").await?;
+
+    // 2a. A backlog of single-row transactions, built while both consumers are stopped.
+    println!("building a backlog of {BACKLOG} single-row transactions ...");
+    src.batch_execute("UPDATE orders SET note = 'start-1' WHERE id = 2")
+        .await?;
+    let per_client = (BACKLOG / 2).to_string();
+    let mut load = pgbench(
+        source.port,
+        &[
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-t",
+            &per_client,
+            "-f",
+            "benches/sql/update.sql",
+        ],
+    )?;
+    if !load.wait()?.success() {
+        bail!("pgbench failed");
+    }
+    src.batch_execute("UPDATE orders SET note = 'end-1' WHERE id = 1")
+        .await?;
+    let (ours, theirs) = measure_apply(&dsn, file_arg, work, &src, &sub, "1").await?;
+    results.add(
+        "stream apply, 200k single-row transactions",
+        "≥ 1.2× reference",
+        format!(
+            "built-in logical replication {:.0} tx/s",
+            BACKLOG as f64 / theirs
+        ),
+        format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
+    );
+
+    // 2b. One transaction of 200k rows (bracketed by markers).
+    src.batch_execute("UPDATE orders SET note = 'start-2' WHERE id = 2")
+        .await?;
+    src.batch_execute(&format!(
+        "BEGIN; UPDATE orders SET amount = amount + 1 WHERE id BETWEEN 3 AND {}; UPDATE orders SET note = 'end-2' WHERE id = 1; COMMIT",
+        BACKLOG + 1
+    ))
+    .await?;
+    let (ours, theirs) = measure_apply(&dsn, file_arg, work, &src, &sub, "2").await?;
+    results.add(
+        "stream apply, one 200k-row transaction",
+        "≥ 1.5× reference",
+        format!(
+            "built-in logical replication {:.0} rows/s",
+            BACKLOG as f64 / theirs
+        ),
+        format!(
+            "{:.0} rows/s = {:.2}×",
+            BACKLOG as f64 / ours,
+            theirs / ours
+        ),
+    );
+
+    // 3. Lag under a steady 2,000 writes/s after the backfill.
+    let (p50, p99, max, n) = measure_lag(&dsn, file_arg, work, source.port, &src).await?;
+    results.add(
+        "replication lag at 2,000 writes/s (70/20/10 update/insert/delete)",
+        "p99 < 200 ms",
+        "-".into(),
+        format!("p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({n} probes)"),
+    );
+    Ok(())
+}
+
+async fn wait_slot_inactive(src: &Client, slot: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let active: bool = src
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+        if !active {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("slot {slot} stayed active");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Seconds from the start marker to the end marker, for rowshift and then
+/// for the subscription, consuming the same backlog back to back.
+async fn measure_apply(
+    dsn: &str,
+    file: &str,
+    work: &Path,
+    src: &Client,
+    sub: &Client,
+    tag: &str,
+) -> Result<(f64, f64)> {
+    let start = format!("start-{tag}");
+    let end = format!("end-{tag}");
+    let target = connect(dsn).await?;
+    let mut child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
+    let t0 = wait_note(&target, "orders_v2", 2, &start, Duration::from_secs(300)).await?;
+    let t1 = wait_note(&target, "orders_v2", 1, &end, Duration::from_secs(600)).await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    wait_slot_inactive(src, "rowshift_bench_orders").await?;
+    let ours = (t1 - t0).as_secs_f64();
+
+    sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
+        .await?;
+    let s0 = wait_note(sub, "orders", 2, &start, Duration::from_secs(300)).await?;
+    let s1 = wait_note(sub, "orders", 1, &end, Duration::from_secs(900)).await?;
+    sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
+        .await?;
+    wait_slot_inactive(src, "ref_sub").await?;
+    Ok((ours, (s1 - s0).as_secs_f64()))
+}
+
+/// Probe updates every 20 ms while pgbench writes 2,000 statements/s.
+async fn measure_lag(
+    dsn: &str,
+    file: &str,
+    work: &Path,
+    port: u16,
+    src: &Client,
+) -> Result<(f64, f64, f64, usize)> {
+    let target = connect(dsn).await?;
+    let mut child = rowshift(dsn, &["run", file], &work.join("lag.log"))?;
+    src.batch_execute("UPDATE orders SET note = 'lag-ready' WHERE id = 1")
+        .await?;
+    wait_note(
+        &target,
+        "orders_v2",
+        1,
+        "lag-ready",
+        Duration::from_secs(300),
+    )
+    .await?;
+    let mut load = pgbench(
+        port,
+        &[
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-R",
+            "2000",
+            "-T",
+            "32",
+            "-f",
+            "benches/sql/update.sql@7",
+            "-f",
+            "benches/sql/insert.sql@2",
+            "-f",
+            "benches/sql/delete.sql@1",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut samples = Vec::new();
+    let until = Instant::now() + Duration::from_secs(28);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let note = format!("probe-{n}");
+        src.execute("UPDATE orders SET note = $1 WHERE id = 1", &[&note])
+            .await?;
+        let committed = Instant::now();
+        let seen = wait_note(&target, "orders_v2", 1, &note, Duration::from_secs(30)).await?;
+        samples.push((seen - committed).as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = load.wait();
+    let _ = child.kill();
+    let _ = child.wait();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.5), pct(0.99), pct(1.0), samples.len()))
+}
