@@ -226,6 +226,9 @@ async fn run(
     ))
     .await?;
     src.batch_execute("VACUUM ANALYZE orders").await?;
+    // Autovacuum after the backlogs would steal CPU from whichever consumer runs first.
+    src.batch_execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
+        .await?;
     let bytes: i64 = src
         .query_one(
             "SELECT pg_relation_size('orders') / count(*) FROM orders",
@@ -301,6 +304,10 @@ async fn run(
     sub_admin.batch_execute("CREATE DATABASE bench").await?;
     let sub = connect(&subscriber.dsn("bench")).await?;
     sub.batch_execute(ORDERS_DDL).await?;
+    sub.batch_execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
+        .await?;
+    src.batch_execute("ALTER TABLE orders_v2 SET (autovacuum_enabled = false)")
+        .await?;
     src.batch_execute("CREATE PUBLICATION ref_pub FOR TABLE orders")
         .await?;
     sub.batch_execute(&format!(
@@ -328,6 +335,7 @@ async fn run(
         .await?;
     wait_slot_inactive(&src, "ref_sub").await?;
 
+    settle_slots(&dsn, file_arg, work, &src, &sub).await?;
     // 2a. A backlog of single-row transactions, built while both consumers are stopped.
     println!("building a backlog of {BACKLOG} single-row transactions ...");
     src.batch_execute("UPDATE orders SET note = 'start-1' WHERE id = 2")
@@ -362,6 +370,7 @@ async fn run(
         format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
     );
 
+    settle_slots(&dsn, file_arg, work, &src, &sub).await?;
     // 2b. One transaction of 200k rows (bracketed by markers).
     src.batch_execute("UPDATE orders SET note = 'start-2' WHERE id = 2")
         .await?;
@@ -393,6 +402,53 @@ async fn run(
         "-".into(),
         format!("p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({n} probes)"),
     );
+    Ok(())
+}
+
+/// Runs both consumers until both slots' restart positions pass a fresh
+/// CHECKPOINT (which logs the running transactions that restart positions
+/// move on), then stops both. Without it the slot whose restart position lags
+/// re-decodes old WAL on start, which measures history instead of apply.
+async fn settle_slots(
+    dsn: &str,
+    file: &str,
+    work: &Path,
+    src: &Client,
+    sub: &Client,
+) -> Result<()> {
+    let mut child = rowshift(dsn, &["run", file], &work.join("settle.log"))?;
+    sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
+        .await?;
+    let t = Instant::now();
+    loop {
+        src.batch_execute("CHECKPOINT").await?;
+        let mark: String = src
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let behind: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ('ref_sub', 'rowshift_bench_orders') \
+                 AND restart_lsn < $1::text::pg_lsn",
+                &[&mark],
+            )
+            .await?
+            .get(0);
+        if behind == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("replication slots did not settle");
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
+        .await?;
+    wait_slot_inactive(src, "ref_sub").await?;
+    wait_slot_inactive(src, "rowshift_bench_orders").await?;
+    src.batch_execute("CHECKPOINT").await?;
     Ok(())
 }
 

@@ -194,9 +194,8 @@ async fn run(p: &spec::Pipeline, exit_when_caught_up: bool) -> anyhow::Result<()
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_signal.cancel();
-        }
+        wait_for_stop_signal().await;
+        on_signal.cancel();
     });
     let opts = RunOptions {
         exit_when_caught_up,
@@ -257,5 +256,20 @@ async fn record_failure(p: &spec::Pipeline, e: &Error) {
             )
             .await;
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM (what service managers send): stop cleanly.
+async fn wait_for_stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! This is an equivalent of DBLog's watermarks that needs no watermark
 //! table. The chunk copy (`INSERT INTO target SELECT <mapping> FROM source
-//! WHERE lo < key <= hi ON CONFLICT DO UPDATE`) runs **in the apply loop,
+//! WHERE lo < key <= hi AND <key not in target>`) runs **in the apply loop,
 //! between two batches**, never concurrently with an apply:
 //!
 //! ```text
@@ -13,34 +13,43 @@
 //!   sink:    apply ≤e3 ─▶ [copy chunk, snapshot R] ─▶ apply e4, e5, e6 ...
 //! ```
 //!
+//! Let P be the sink's position when the copy starts (everything up to e3
+//! applied). Call a target row *convergent* if it equals the source row at
+//! some moment T and every change to that key after T is still to be
+//! applied, in order. Replaying the remaining events over a convergent row
+//! ends in the source's current row: an insert or a full update sets every
+//! column, a delete removes the row, and a partial update (unchanged TOAST
+//! absent) sets the columns it carries, the absent ones being unchanged
+//! since T by definition.
+//!
 //! 1. The slot exists before the first chunk is read, so every change that
 //!    commits after any chunk snapshot R is in the stream.
-//! 2. When the copy starts, the sink has applied only events that committed
-//!    before R (they were streamed, so they had committed). So the copy
-//!    writes each row's state at R, which is at least as new as anything the
-//!    sink wrote for that key.
-//! 3. After the copy the sink applies the remaining events in commit order.
-//!    Those that committed before R are replays of changes already contained
-//!    in the R-state; those after R are new. For every key the final state is
-//!    the effect of the last event (insert/update: its values; delete: no
-//!    row), or the R-state if no event follows — which is exactly the source
-//!    state. Partial updates (unchanged TOAST absent) only set the columns
-//!    they carry; the absent columns keep the R-state value, which is the
-//!    newest value because any later change of them arrives as an event.
+//! 2. Rows the target already has are convergent: each was written from a
+//!    full row image (an insert, a full update, a refetch or an earlier
+//!    chunk) and every later change to it is applied after it, in order.
+//!    The copy leaves them alone.
+//! 3. For a key the target lacks, the copy writes the source row at R. Every
+//!    event the sink applied committed before R (it had been streamed), and
+//!    every change after R is still to come, so the written row is
+//!    convergent with T = R. Events between P and R are replays whose effect
+//!    is already in the R-state; re-applying them is harmless by the same
+//!    convergence argument once the sink passes R.
 //! 4. No resurrection: a row deleted before R is not in the R-state, so the
 //!    copy does not write it; a row deleted after R is written by the copy
-//!    and then removed by the delete event, which is applied afterwards.
+//!    and removed by the delete event, which is applied afterwards.
 //!    Primary-key changes are a delete of the old key plus an upsert of the
 //!    new one, so the same argument covers them.
 //! 5. Crash: the chunk and its cursor commit in one transaction; the slot is
 //!    confirmed only past applied batches; after a restart the stream replays
-//!    from the confirmed position (older than any copied R), which point 3
-//!    already allows.
+//!    from the confirmed position, which points 2 and 3 already allow.
 //!
-//! The same argument makes `Refetch` in the sink safe. A transient state
-//! older than the source can exist between a copy and the replay catching
-//! up; it is gone once the sink passes R, and the pipeline only reports
-//! `caught_up` after that. No transaction stays open longer than one chunk.
+//! Because nothing else writes the target while a copy or an apply runs, a
+//! key absent when a statement starts stays absent until it ends: new rows
+//! are written with a plain `INSERT`, without `ON CONFLICT`. The same
+//! argument makes `Refetch` in the sink safe. A transient state older than
+//! the source can exist until the replay passes R; the pipeline only reports
+//! `caught_up` after a heartbeat written after the last chunk. No transaction
+//! stays open longer than one chunk.
 
 pub mod throttle;
 

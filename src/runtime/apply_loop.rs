@@ -156,7 +156,17 @@ pub async fn run(
                         lag_ms = Some(l);
                     }
                     let checkpoint = apply_checkpoint(&p.name, batch.ack, batch.events.len(), lag_ms);
-                    sink.apply(&batch, &checkpoint).await?;
+                    let started = Instant::now();
+                    let applied = sink.apply(&batch, &checkpoint).await?;
+                    tracing::debug!(
+                        events = batch.events.len(),
+                        upserts = applied.upserts,
+                        deletes = applied.deletes,
+                        partials = applied.partials,
+                        refetches = applied.refetches,
+                        apply_us = started.elapsed().as_micros() as u64,
+                        "batch applied"
+                    );
                     if let Some(lsn) = batch.ack {
                         ack(lsn);
                     }
