@@ -108,7 +108,26 @@ transport: {{ kind: direct, batch_events: 10000 }}
     )
 }
 
-fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Child> {
+/// A child process killed when dropped, so a failing bench leaves none behind.
+struct Proc(Child);
+
+impl Proc {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Proc> {
     let log = std::fs::File::create(log)?;
     Ok(Command::new(env!("CARGO_BIN_EXE_rowshift"))
         .args(args)
@@ -117,7 +136,8 @@ fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .spawn()?)
+        .spawn()
+        .map(Proc)?)
 }
 
 /// Peak resident set (VmHWM) of a running process, in MiB.
@@ -151,7 +171,7 @@ async fn wait_note(
     }
 }
 
-fn pgbench(port: u16, args: &[&str]) -> Result<Child> {
+fn pgbench(port: u16, args: &[&str]) -> Result<Proc> {
     Ok(Command::new("/usr/lib/postgresql/15/bin/pgbench")
         .args([
             "-n",
@@ -167,7 +187,8 @@ fn pgbench(port: u16, args: &[&str]) -> Result<Child> {
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?)
+        .spawn()
+        .map(Proc)?)
 }
 
 struct Results {
@@ -354,7 +375,7 @@ async fn run(
             "benches/sql/update.sql",
         ],
     )?;
-    if !load.wait()?.success() {
+    if !load.0.wait()?.success() {
         bail!("pgbench failed");
     }
     src.batch_execute("UPDATE orders SET note = 'end-1' WHERE id = 1")
@@ -416,7 +437,7 @@ async fn settle_slots(
     src: &Client,
     sub: &Client,
 ) -> Result<()> {
-    let mut child = rowshift(dsn, &["run", file], &work.join("settle.log"))?;
+    let child = rowshift(dsn, &["run", file], &work.join("settle.log"))?;
     sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
         .await?;
     let t = Instant::now();
@@ -442,8 +463,7 @@ async fn settle_slots(
             bail!("replication slots did not settle");
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
         .await?;
     wait_slot_inactive(src, "ref_sub").await?;
@@ -486,11 +506,10 @@ async fn measure_apply(
     let start = format!("start-{tag}");
     let end = format!("end-{tag}");
     let target = connect(dsn).await?;
-    let mut child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
+    let child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
     let t0 = wait_note(&target, "orders_v2", 2, &start, Duration::from_secs(300)).await?;
     let t1 = wait_note(&target, "orders_v2", 1, &end, Duration::from_secs(600)).await?;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     wait_slot_inactive(src, "rowshift_bench_orders").await?;
     let ours = (t1 - t0).as_secs_f64();
 
@@ -513,7 +532,7 @@ async fn measure_lag(
     src: &Client,
 ) -> Result<(f64, f64, f64, usize)> {
     let target = connect(dsn).await?;
-    let mut child = rowshift(dsn, &["run", file], &work.join("lag.log"))?;
+    let child = rowshift(dsn, &["run", file], &work.join("lag.log"))?;
     src.batch_execute("UPDATE orders SET note = 'lag-ready' WHERE id = 1")
         .await?;
     wait_note(
@@ -557,9 +576,8 @@ async fn measure_lag(
         samples.push((seen - committed).as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = load.wait();
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = load.0.wait();
+    drop(child);
     samples.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
     Ok((pct(0.5), pct(0.99), pct(1.0), samples.len()))

@@ -2,6 +2,11 @@
 //! in one transaction, with `session_replication_role = replica` so target
 //! triggers and foreign keys do not fire for replayed rows.
 //!
+//! Statements are prepared once but planned at every execution
+//! (`plan_cache_mode = force_custom_plan`): the target starts empty and grows
+//! to millions of rows, and a generic plan cached while it was empty (a hash
+//! anti-join over the whole target) would make every later chunk scan it.
+//!
 //! An UPDATE whose new tuple lacks unchanged TOAST columns updates only the
 //! target columns computable from what it carries (invariant 4); a target
 //! column that needs both carried and absent columns, or a row the target
@@ -57,7 +62,7 @@ impl PgSink {
     ) -> Result<PgSink> {
         let client = crate::source::postgres::connect(dsn, "sink").await?;
         client
-            .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on")
+            .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on; SET plan_cache_mode = force_custom_plan")
             .await
             .map_err(Error::db("prepare sink session"))?;
         Ok(PgSink {

@@ -126,6 +126,18 @@ pub fn source_key_row(m: &Mapping) -> String {
     format!("({})", cols.join(", "))
 }
 
+/// The target's key columns as a row value `(t."a", t."b")`, in the order
+/// of the source key (so it compares with [`key_params`]).
+fn target_key_row(m: &Mapping) -> String {
+    let cols: Vec<String> = m
+        .source_key
+        .iter()
+        .filter_map(|p| m.key_pairs.iter().find(|(_, s)| s == p))
+        .map(|(t, _)| format!("t.{}", quote_ident(&m.target_columns[*t].name)))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
 /// Parameters `$first..` cast to the key types, as a row value.
 pub fn key_params(m: &Mapping, first: usize) -> String {
     let ps: Vec<String> = m
@@ -147,22 +159,22 @@ pub fn copy_range(
     has_hi: bool,
 ) -> String {
     let n = m.source_key.len();
-    let mut conds = Vec::new();
-    if has_lo {
-        conds.push(format!("{} > {}", source_key_row(m), key_params(m, 1)));
-    }
-    if has_hi {
-        let first = if has_lo { n + 1 } else { 1 };
-        conds.push(format!("{} <= {}", source_key_row(m), key_params(m, first)));
-    }
-    let filter = if conds.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conds.join(" AND "))
+    // The same bounds on the source and, for the "already there" probe, on
+    // the target: an unbounded probe may be planned as a scan of the whole
+    // (growing) target for every chunk.
+    let bounds = |row: &str| {
+        let mut conds = Vec::new();
+        if has_lo {
+            conds.push(format!("{row} > {}", key_params(m, 1)));
+        }
+        if has_hi {
+            let first = if has_lo { n + 1 } else { 1 };
+            conds.push(format!("{row} <= {}", key_params(m, first)));
+        }
+        conds
     };
-    // Rows the target already has were written by the stream from a full row
-    // image or a refetch and converge on their own; the copy adds the rest.
-    let present = m
+    let mut conds = bounds(&source_key_row(m));
+    let mut probe = vec![m
         .key_pairs
         .iter()
         .map(|(t, s)| {
@@ -173,19 +185,22 @@ pub fn copy_range(
             )
         })
         .collect::<Vec<_>>()
-        .join(" AND ");
-    let filter = if filter.is_empty() {
-        "WHERE ".to_string()
-    } else {
-        format!("{filter} AND ")
-    };
+        .join(" AND ")];
+    probe.extend(bounds(&target_key_row(m)));
+    // Rows the target already has were written by the stream from a full row
+    // image or a refetch and converge on their own; the copy adds the rest.
+    conds.push(format!(
+        "NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+        target.quoted(),
+        probe.join(" AND ")
+    ));
     format!(
-        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src {filter}NOT EXISTS (SELECT 1 FROM {} AS t WHERE {present})",
+        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src WHERE {}",
         target.quoted(),
         m.target_list(),
         m.select_list(),
         source.quoted(),
-        target.quoted()
+        conds.join(" AND ")
     )
 }
 
