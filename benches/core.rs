@@ -440,18 +440,23 @@ async fn settle_slots(
     let child = rowshift(dsn, &["run", file], &work.join("settle.log"))?;
     sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
         .await?;
+    // One fixed mark, taken first: the CHECKPOINTs' running-transactions
+    // records, which restart positions move to, then lie after it.
+    let mark: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
     let t = Instant::now();
     loop {
         src.batch_execute("CHECKPOINT").await?;
-        let mark: String = src
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?
-            .get(0);
+        // A built-in subscriber confirms only commit positions it applied.
+        src.batch_execute("UPDATE orders SET note = 'settle' WHERE id = 3")
+            .await?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let behind: i64 = src
             .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ('ref_sub', 'rowshift_bench_orders') \
-                 AND restart_lsn < $1::text::pg_lsn",
+                "SELECT count(*) FROM pg_replication_slots \
+                 WHERE slot_name IN ('ref_sub', 'rowshift_bench_orders') AND restart_lsn < $1::text::pg_lsn",
                 &[&mark],
             )
             .await?
@@ -460,7 +465,7 @@ async fn settle_slots(
             break;
         }
         if t.elapsed() > Duration::from_secs(120) {
-            bail!("replication slots did not settle");
+            bail!("replication slots did not settle past {mark}");
         }
     }
     drop(child);
