@@ -147,7 +147,7 @@ pub async fn run(
                     return Err(Error::Stopped("interrupted".into()));
                 }
                 next = rx.recv() => {
-                    let batch = match next {
+                    let mut batch = match next {
                         Some(Ok(b)) => b,
                         Some(Err(e)) => return Err(e),
                         None => return Err(Error::Replication("the replication stream ended".into())),
@@ -155,11 +155,12 @@ pub async fn run(
                     if let Some(l) = batch_lag(&batch) {
                         lag_ms = Some(l);
                     }
-                    let checkpoint = apply_checkpoint(&p.name, batch.ack, batch.events.len(), lag_ms);
+                    let events = batch.events.len();
+                    let checkpoint = apply_checkpoint(&p.name, batch.ack, events, lag_ms);
                     let started = Instant::now();
-                    let applied = sink.apply(&batch, &checkpoint).await?;
+                    let applied = sink.apply(std::mem::take(&mut batch.events), &checkpoint).await?;
                     tracing::debug!(
-                        events = batch.events.len(),
+                        events,
                         upserts = applied.upserts,
                         deletes = applied.deletes,
                         partials = applied.partials,
@@ -170,7 +171,7 @@ pub async fn run(
                     if let Some(lsn) = batch.ack {
                         ack(lsn);
                     }
-                    progress.stream(batch.events.len(), lag_ms);
+                    progress.stream(events, lag_ms);
                     let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
                     if passed_done {
                         if !caught_up {

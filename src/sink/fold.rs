@@ -76,11 +76,12 @@ impl Segment {
 }
 
 /// Folds events (in commit order) into segments.
-pub fn fold(events: &[ChangeEvent], key_positions: &[usize]) -> Result<Vec<Segment>, String> {
+/// Takes the events by value: rows move into the result instead of being copied.
+pub fn fold(events: Vec<ChangeEvent>, key_positions: &[usize]) -> Result<Vec<Segment>, String> {
     let mut segments = Vec::new();
     let mut current = Folder::default();
     for event in events {
-        match &event.change {
+        match event.change {
             Change::Truncate => {
                 let done = std::mem::take(&mut current).finish();
                 if !done.ops.is_empty() || done.truncate_first {
@@ -92,9 +93,9 @@ pub fn fold(events: &[ChangeEvent], key_positions: &[usize]) -> Result<Vec<Segme
                 let key = new
                     .key(key_positions)
                     .ok_or("an INSERT without its key columns")?;
-                current.set(key, Net::Upsert(new.clone()));
+                current.set(key, Net::Upsert(new));
             }
-            Change::Delete { key } => current.set(key.clone(), Net::Delete),
+            Change::Delete { key } => current.set(key, Net::Delete),
             Change::Update { old_key, new } => {
                 let key = new
                     .key(key_positions)
@@ -102,16 +103,16 @@ pub fn fold(events: &[ChangeEvent], key_positions: &[usize]) -> Result<Vec<Segme
                 match old_key {
                     None => current.update(key, new),
                     Some(old) => {
-                        let carried_over = match current.take(old) {
+                        let carried_over = match current.take(&old) {
                             Some(Net::Upsert(mut r)) => {
-                                r.overlay(new);
+                                r.overlay(&new);
                                 Some(r)
                             }
                             _ => None,
                         };
-                        current.set(old.clone(), Net::Delete);
+                        current.set(old, Net::Delete);
                         let net = if new.is_complete() {
-                            Net::Upsert(new.clone())
+                            Net::Upsert(new)
                         } else {
                             match carried_over {
                                 Some(r) => Net::Upsert(r),
@@ -154,21 +155,21 @@ impl Folder {
         Some(std::mem::replace(&mut self.ops[i].1, Net::Delete))
     }
 
-    fn update(&mut self, key: Key, new: &Row) {
+    fn update(&mut self, key: Key, new: Row) {
         if new.is_complete() {
-            return self.set(key, Net::Upsert(new.clone()));
+            return self.set(key, Net::Upsert(new));
         }
         let next = match self.index.get(&key).map(|&i| &mut self.ops[i].1) {
             Some(Net::Upsert(r)) => {
-                r.overlay(new);
+                r.overlay(&new);
                 return;
             }
             Some(Net::Partial(p)) => {
-                p.overlay(new);
+                p.overlay(&new);
                 return;
             }
             Some(Net::Refetch) => return,
-            Some(Net::Delete) | None => Net::Partial(new.clone()),
+            Some(Net::Delete) | None => Net::Partial(new),
         };
         self.set(key, next);
     }
@@ -218,7 +219,7 @@ mod tests {
             }),
             ev(Change::Delete { key: key("2") }),
         ];
-        let segs = fold(&events, &[0]).unwrap();
+        let segs = fold(events, &[0]).unwrap();
         assert_eq!(segs.len(), 1);
         assert_eq!(
             segs[0].ops[0],
@@ -243,7 +244,7 @@ mod tests {
                 new: row(vec![v("2"), Cell::Absent, v("z")]),
             }),
         ];
-        let segs = fold(&events, &[0]).unwrap();
+        let segs = fold(events, &[0]).unwrap();
         let groups = segs[0].partial_groups();
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].0, vec![0, 1]);
@@ -266,7 +267,7 @@ mod tests {
                 new: row(vec![v("8"), v("q"), Cell::Absent]),
             }),
         ];
-        let segs = fold(&events, &[0]).unwrap();
+        let segs = fold(events, &[0]).unwrap();
         let ops = &segs[0].ops;
         assert!(ops.contains(&(key("1"), Net::Delete)));
         assert!(ops.contains(&(key("5"), Net::Upsert(row(vec![v("5"), v("a"), v("x")])))));
@@ -286,7 +287,7 @@ mod tests {
                 new: row(vec![v("3"), v("n"), v("m")]),
             }),
         ];
-        let segs = fold(&events, &[0]).unwrap();
+        let segs = fold(events, &[0]).unwrap();
         assert_eq!(segs.len(), 2);
         assert!(!segs[0].truncate_first);
         assert!(matches!(segs[0].ops[0].1, Net::Upsert(_)));
