@@ -132,7 +132,10 @@ fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Proc> {
     Ok(Command::new(env!("CARGO_BIN_EXE_rowshift"))
         .args(args)
         .env("ROWSHIFT_SOURCE_DSN", dsn)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -219,9 +222,10 @@ async fn main() -> Result<()> {
     drop(subscriber);
     drop(source);
     match &outcome {
-        Ok(()) => {
+        Ok(()) if std::env::var("BENCH_KEEP").is_err() => {
             let _ = std::fs::remove_dir_all(&work);
         }
+        Ok(()) => eprintln!("logs kept in {}", work.display()),
         Err(_) => eprintln!("logs kept in {}", work.display()),
     }
     outcome

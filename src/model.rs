@@ -139,6 +139,20 @@ impl Batch {
     }
 }
 
+/// What a source hands to a transport, in stream order.
+#[derive(Debug)]
+pub enum SourceMsg {
+    Change(ChangeEvent),
+    /// A transaction ended at this position.
+    Commit(Lsn),
+    /// A heartbeat written at `emitted_us` was passed at `lsn`.
+    Heartbeat {
+        lsn: Lsn,
+        emitted_us: i64,
+    },
+    Failed(String),
+}
+
 /// SQL a sink runs inside the transaction of a write (a state checkpoint),
 /// with text parameters; the sink writes and the checkpoint commit together.
 #[derive(Debug, Clone, Default)]

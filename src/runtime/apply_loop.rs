@@ -11,7 +11,7 @@ use crate::model::{now_us, Batch};
 use crate::preflight::Checked;
 use crate::sink::postgres::PgSink;
 use crate::source::postgres::connect;
-use crate::source::postgres::replication::{self, Batcher, ReaderConfig};
+use crate::source::postgres::replication::{self, ReaderConfig};
 use crate::spec::{Pipeline, Transport};
 use crate::state::{self, apply_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
@@ -60,33 +60,10 @@ pub async fn run(
         key_positions: mapping.source_key.clone(),
         heartbeat_prefix: heartbeat_prefix(&p.name),
     };
-    let (source_rx, ack, reader) =
-        replication::start(reader, stop.clone(), batch_events * 2).await?;
-    let (tx, mut rx) = direct::channel(queue_batches);
-    let mut batcher = Batcher::new(source_rx, batch_events);
-    let batch_stop = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = batch_stop.cancelled() => break,
-                b = batcher.next() => b,
-            };
-            let end = !matches!(next, Ok(Some(_)));
-            let sent = match next {
-                Ok(Some(b)) => tx.send(Ok(b)).await,
-                Ok(None) => {
-                    tx.send(Err(Error::Replication(
-                        "the replication stream ended".into(),
-                    )))
-                    .await
-                }
-                Err(e) => tx.send(Err(e)).await,
-            };
-            if end || sent.is_err() {
-                break;
-            }
-        }
-    });
+    // The queue holds at most `queue_batches` batches' worth of changes.
+    let capacity = batch_events.saturating_mul(queue_batches).max(1);
+    let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
+    let mut rx = direct::Receiver::new(source_rx, batch_events);
 
     let mut sink = PgSink::connect(
         dsn,
@@ -146,10 +123,9 @@ pub async fn run(
                 _ = cancel.cancelled() => {
                     return Err(Error::Stopped("interrupted".into()));
                 }
-                next = rx.recv() => {
-                    let mut batch = match next {
-                        Some(Ok(b)) => b,
-                        Some(Err(e)) => return Err(e),
+                next = rx.next() => {
+                    let mut batch = match next? {
+                        Some(b) => b,
                         None => return Err(Error::Replication("the replication stream ended".into())),
                     };
                     if let Some(l) = batch_lag(&batch) {

@@ -1,33 +1,145 @@
-//! The `direct` transport: a bounded in-process channel of batches.
+//! The `direct` transport: a bounded in-process queue between the
+//! replication reader and the applier.
+//!
+//! The applier pulls a batch when it is ready, and a batch is everything
+//! that arrived while it applied the previous one (at most `max_events`
+//! changes). So batch size follows load: a quiet stream gives small batches
+//! and low latency; a backlog gives large batches that amortise each
+//! batch's fixed cost (one transaction, one checkpoint). A full queue stops
+//! the reader (back-pressure), and the slot keeps the WAL.
 
 use crate::error::{Error, Result};
-use crate::model::Batch;
+use crate::model::{Batch, SourceMsg};
 use tokio::sync::mpsc;
 
-/// The source's end.
-pub struct DirectSender(mpsc::Sender<Result<Batch>>);
-/// The applier's end.
-pub struct DirectReceiver(mpsc::Receiver<Result<Batch>>);
-
-/// A channel holding at most `capacity` batches in flight.
-pub fn channel(capacity: usize) -> (DirectSender, DirectReceiver) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    (DirectSender(tx), DirectReceiver(rx))
+/// The applier's end of the queue.
+pub struct Receiver {
+    rx: mpsc::Receiver<SourceMsg>,
+    buf: Vec<SourceMsg>,
+    pending: Batch,
+    seq: u64,
+    max_events: usize,
+    in_tx: bool,
 }
 
-impl DirectSender {
-    /// Waits for room (back-pressure); fails when the applier is gone.
-    pub async fn send(&self, batch: Result<Batch>) -> Result<()> {
-        self.0
-            .send(batch)
-            .await
-            .map_err(|_| Error::Stopped("the applier stopped".into()))
+impl Receiver {
+    pub fn new(rx: mpsc::Receiver<SourceMsg>, max_events: usize) -> Receiver {
+        Receiver {
+            rx,
+            buf: Vec::with_capacity(max_events.min(65_536)),
+            pending: Batch::default(),
+            seq: 0,
+            max_events: max_events.max(1),
+            in_tx: false,
+        }
+    }
+
+    /// The next batch: waits for the first message, then takes what is
+    /// queued without waiting for more. `None` when the source stopped.
+    ///
+    /// Cancel-safe: what a call received is kept in `self.pending` before
+    /// its next await, so dropping the future (in a `select!`) loses nothing.
+    pub async fn next(&mut self) -> Result<Option<Batch>> {
+        loop {
+            let full = self.pending.events.len() >= self.max_events;
+            if !self.pending.is_empty() && (full || self.rx.is_empty()) {
+                return Ok(Some(self.take()));
+            }
+            self.buf.clear();
+            let room = self
+                .max_events
+                .saturating_sub(self.pending.events.len())
+                .max(1);
+            if self.rx.recv_many(&mut self.buf, room).await == 0 {
+                return Ok((!self.pending.is_empty()).then(|| self.take()));
+            }
+            for msg in self.buf.drain(..) {
+                match msg {
+                    SourceMsg::Change(e) => {
+                        self.in_tx = true;
+                        self.pending.events.push(e);
+                    }
+                    SourceMsg::Commit(lsn) => {
+                        self.in_tx = false;
+                        self.pending.ack = Some(lsn);
+                    }
+                    SourceMsg::Heartbeat { lsn, emitted_us } => {
+                        if !self.in_tx {
+                            self.pending.ack = Some(lsn);
+                        }
+                        self.pending.heartbeat_us = Some(emitted_us);
+                    }
+                    SourceMsg::Failed(reason) => return Err(Error::Replication(reason)),
+                }
+            }
+        }
+    }
+
+    fn take(&mut self) -> Batch {
+        let mut batch = std::mem::take(&mut self.pending);
+        batch.seq = self.seq;
+        self.seq += 1;
+        batch
     }
 }
 
-impl DirectReceiver {
-    /// The next batch; `None` when the source ended. Cancel-safe.
-    pub async fn recv(&mut self) -> Option<Result<Batch>> {
-        self.0.recv().await
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Change, ChangeEvent, Key, Lsn};
+
+    fn change(i: u64) -> SourceMsg {
+        SourceMsg::Change(ChangeEvent {
+            change: Change::Delete {
+                key: Key(vec![Some(i.to_string())]),
+            },
+            commit_lsn: Lsn(i),
+            commit_ts_us: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn batches_take_what_is_queued_and_ack_only_whole_transactions() {
+        let (tx, rx) = mpsc::channel(100);
+        let mut r = Receiver::new(rx, 3);
+        for m in [
+            change(1),
+            SourceMsg::Commit(Lsn(10)),
+            change(2),
+            change(3),
+            change(4),
+        ] {
+            tx.send(m).await.unwrap();
+        }
+        let b = r.next().await.unwrap().unwrap();
+        assert_eq!(b.events.len(), 3, "capped at max_events");
+        assert_eq!(b.ack, Some(Lsn(10)));
+        tx.send(SourceMsg::Heartbeat {
+            lsn: Lsn(20),
+            emitted_us: 5,
+        })
+        .await
+        .unwrap();
+        let b = r.next().await.unwrap().unwrap();
+        assert_eq!(b.events.len(), 1);
+        assert_eq!(
+            b.ack, None,
+            "a heartbeat inside an open transaction is not a safe position"
+        );
+        assert_eq!(b.heartbeat_us, Some(5));
+        tx.send(SourceMsg::Commit(Lsn(30))).await.unwrap();
+        tx.send(SourceMsg::Heartbeat {
+            lsn: Lsn(40),
+            emitted_us: 6,
+        })
+        .await
+        .unwrap();
+        let b = r.next().await.unwrap().unwrap();
+        assert_eq!(b.ack, Some(Lsn(40)));
+        assert_eq!(b.seq, 2);
+        tx.send(SourceMsg::Failed("boom".into())).await.unwrap();
+        assert!(r.next().await.is_err());
+        drop(tx);
+        assert!(r.next().await.unwrap().is_none());
     }
 }

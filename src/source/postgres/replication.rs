@@ -21,7 +21,7 @@
 //! tables' WAL would otherwise pile up behind it) and measure end-to-end lag.
 
 use crate::error::{Error, Result};
-use crate::model::{Batch, Cell, Change, ChangeEvent, Lsn, Row};
+use crate::model::{Cell, Change, ChangeEvent, Lsn, Row, SourceMsg};
 use pg_walstream::{
     CancellationToken, ColumnValue, EventType, LogicalReplicationStream, ReplicationStreamConfig,
     RowData, SharedLsnFeedback,
@@ -29,20 +29,6 @@ use pg_walstream::{
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// What the reader task forwards to the batcher.
-#[derive(Debug)]
-pub enum SourceMsg {
-    Change(ChangeEvent),
-    /// A transaction ended at this position.
-    Commit(Lsn),
-    /// A heartbeat written at `emitted_us` was passed at `lsn`.
-    Heartbeat {
-        lsn: Lsn,
-        emitted_us: i64,
-    },
-    Failed(String),
-}
 
 /// Called by the sink side when everything up to the position is durable.
 pub type AckFn = Arc<dyn Fn(Lsn) + Send + Sync>;
@@ -236,69 +222,6 @@ fn text_value(value: &ColumnValue) -> Option<String> {
         ColumnValue::Null => None,
         ColumnValue::Text(b) | ColumnValue::Binary(b) => {
             Some(String::from_utf8_lossy(b).into_owned())
-        }
-    }
-}
-
-/// Groups what the reader has produced into batches: takes whatever is
-/// available (at most `max_events` changes) without waiting for more, so a
-/// quiet stream has low latency and a busy one large batches.
-pub struct Batcher {
-    rx: mpsc::Receiver<SourceMsg>,
-    buf: Vec<SourceMsg>,
-    seq: u64,
-    max_events: usize,
-    in_tx: bool,
-}
-
-impl Batcher {
-    pub fn new(rx: mpsc::Receiver<SourceMsg>, max_events: usize) -> Batcher {
-        Batcher {
-            rx,
-            buf: Vec::with_capacity(max_events),
-            seq: 0,
-            max_events,
-            in_tx: false,
-        }
-    }
-
-    /// The next batch, or `None` when the reader stopped.
-    pub async fn next(&mut self) -> Result<Option<Batch>> {
-        let mut batch = Batch {
-            seq: self.seq,
-            ..Batch::default()
-        };
-        self.seq += 1;
-        loop {
-            self.buf.clear();
-            let room = self.max_events.saturating_sub(batch.events.len()).max(1);
-            let got = self.rx.recv_many(&mut self.buf, room).await;
-            if got == 0 {
-                return Ok(if batch.is_empty() { None } else { Some(batch) });
-            }
-            for msg in self.buf.drain(..) {
-                match msg {
-                    SourceMsg::Change(e) => {
-                        self.in_tx = true;
-                        batch.events.push(e);
-                    }
-                    SourceMsg::Commit(lsn) => {
-                        self.in_tx = false;
-                        batch.ack = Some(lsn);
-                    }
-                    SourceMsg::Heartbeat { lsn, emitted_us } => {
-                        if !self.in_tx {
-                            batch.ack = Some(lsn);
-                        }
-                        batch.heartbeat_us = Some(emitted_us);
-                    }
-                    SourceMsg::Failed(reason) => return Err(Error::Replication(reason)),
-                }
-            }
-            // Return once the queue is drained or the batch is full.
-            if batch.events.len() >= self.max_events || self.rx.is_empty() {
-                return Ok(Some(batch));
-            }
         }
     }
 }
