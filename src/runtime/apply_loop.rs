@@ -9,7 +9,7 @@ use crate::backfill::Backfill;
 use crate::error::{Error, Result};
 use crate::model::{now_us, Batch};
 use crate::preflight::Checked;
-use crate::sink::postgres::PgSink;
+use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::source::postgres::replication::{self, ReaderConfig};
 use crate::spec::{Pipeline, Transport};
@@ -70,6 +70,7 @@ pub async fn run(
         mapping.clone(),
         p.source_table.clone(),
         p.target_table.clone(),
+        Role::Stream,
     )
     .await?;
     let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());

@@ -17,7 +17,7 @@ mod progress;
 use crate::backfill::{plan_ranges, Backfill, Settings};
 use crate::error::{Error, Result};
 use crate::preflight::{self, spec_hash, Checked};
-use crate::sink::postgres::PgSink;
+use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::spec::{quote_literal, Pipeline};
 use crate::state::{self, Desired, Phase, PipelineRecord};
@@ -89,6 +89,7 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
             mapping.clone(),
             p.source_table.clone(),
             p.target_table.clone(),
+            Role::Copy,
         )
         .await?;
         let estimate = estimate_rows(&control, &checked, &p.source_table).await?;
@@ -116,6 +117,7 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
                 mapping.clone(),
                 p.source_table.clone(),
                 p.target_table.clone(),
+                Role::Copy,
             )
             .await?,
         );

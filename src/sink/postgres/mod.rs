@@ -2,22 +2,18 @@
 //! in one transaction, with `session_replication_role = replica` so target
 //! triggers and foreign keys do not fire for replayed rows.
 //!
-//! Statements are prepared once but planned at every execution
-//! (`plan_cache_mode = force_custom_plan`): the target starts empty and grows
-//! to millions of rows, and a generic plan cached while it was empty (a hash
-//! anti-join over the whole target) would make every later chunk scan it.
-//! `random_page_cost = 1.1` (this session only) prices index probes as the
-//! cached, SSD-backed lookups they are: with the default of 4, a batch of
-//! 10,000 keys is planned as a hash join over a sequential scan of the whole
-//! target (300 ms on 500k rows instead of 100 ms, and worse as it grows).
-//! `work_mem = 64MB` keeps a full batch (10,000 rows materialised once for
-//! the update and the insert) in memory instead of spilling it to disk.
-//!
-//! An UPDATE whose new tuple lacks unchanged TOAST columns updates only the
-//! target columns computable from what it carries (invariant 4); a target
-//! column that needs both carried and absent columns, or a row the target
-//! does not have yet, is refetched from the source instead (safe: see
-//! [`crate::backfill`]).
+//! Planner settings differ by [`Role`]. Stream statements all reach rows
+//! by primary key, so their sessions allow only index nested loops
+//! (sequential scans, hash and merge joins off) and plan once (generic
+//! plans): a batch of 5 rows costs no planning, and a batch of 10,000 can
+//! never be planned as a hash join over the whole target, whatever the
+//! statistics say while the target is still empty. Chunk copies are planned
+//! at every execution (`plan_cache_mode = force_custom_plan`), against the
+//! target's current size; `random_page_cost = 1.1` prices index probes as
+//! the cached lookups they are (with the default of 4, the already-there
+//! probe of a large chunk is planned as a scan of the whole target).
+//! `work_mem = 64MB` keeps a full batch, materialised once for the update and
+//! the insert, in memory.
 
 pub mod sql;
 
@@ -59,16 +55,46 @@ pub struct PgSink {
     statements: HashMap<Kind, Statement>,
 }
 
+/// What a sink session is used for; each gets the planner settings that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Applies stream batches: every statement reaches rows by key.
+    Stream,
+    /// Copies backfill chunks (also used to plan key ranges).
+    Copy,
+}
+
+impl Role {
+    fn session_sql(self) -> &'static str {
+        match self {
+            Role::Stream => {
+                "SET session_replication_role = replica; SET synchronous_commit = on; SET work_mem = '64MB'; \
+                 SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
+                 SET enable_hashjoin = off; SET enable_mergejoin = off"
+            }
+            Role::Copy => {
+                "SET session_replication_role = replica; SET synchronous_commit = on; SET work_mem = '64MB'; \
+                 SET plan_cache_mode = force_custom_plan; SET random_page_cost = 1.1"
+            }
+        }
+    }
+}
+
 impl PgSink {
     pub async fn connect(
         dsn: &str,
         mapping: Arc<Mapping>,
         source: TableName,
         target: TableName,
+        role: Role,
     ) -> Result<PgSink> {
-        let client = crate::source::postgres::connect(dsn, "sink").await?;
+        let purpose = match role {
+            Role::Stream => "sink",
+            Role::Copy => "copy",
+        };
+        let client = crate::source::postgres::connect(dsn, purpose).await?;
         client
-            .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on; SET plan_cache_mode = force_custom_plan; SET random_page_cost = 1.1; SET work_mem = '64MB'")
+            .batch_execute(role.session_sql())
             .await
             .map_err(Error::db("prepare sink session"))?;
         Ok(PgSink {

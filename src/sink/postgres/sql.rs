@@ -40,22 +40,23 @@ pub fn upsert(m: &Mapping, target: &TableName) -> String {
         .iter()
         .map(|&i| format!("{0} = v.{0}", quote_ident(&m.target_columns[i].name)))
         .collect();
-    let returning: Vec<String> = keys.iter().map(|k| format!("v.{k}")).collect();
-    let missing: Vec<String> = keys.iter().map(|k| format!("u.{k} = v.{k}")).collect();
+    // Every part of the statement sees the same snapshot, so the insert
+    // still sees the rows being updated and skips exactly those keys.
+    let present: Vec<String> = keys.iter().map(|k| format!("t.{k} = v.{k}")).collect();
     format!(
         "WITH v AS (SELECT {} FROM {}), \
-         upd AS (UPDATE {} AS t SET {} FROM v WHERE {} RETURNING {}) \
-         INSERT INTO {} ({}) SELECT {} FROM v WHERE NOT EXISTS (SELECT 1 FROM upd AS u WHERE {})",
+         upd AS (UPDATE {} AS t SET {} FROM v WHERE {}) \
+         INSERT INTO {} ({}) SELECT {} FROM v WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
         m.select_list(),
         m.unnest_source(&all, 1),
         target.quoted(),
         sets.join(", "),
         join.join(" AND "),
-        returning.join(", "),
         target.quoted(),
         m.target_list(),
         m.target_list(),
-        missing.join(" AND ")
+        target.quoted(),
+        present.join(" AND ")
     )
 }
 
