@@ -159,6 +159,9 @@ pub enum SourceMsg {
 pub struct Checkpoint {
     pub sql: String,
     pub params: Vec<Option<String>>,
+    /// The checkpoint must change exactly one row, or the whole write is
+    /// rolled back: another process took the pipeline over.
+    pub fenced: bool,
 }
 
 /// Microseconds since the Unix epoch, now.

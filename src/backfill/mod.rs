@@ -107,6 +107,8 @@ pub struct Settings {
 /// The running backfill: one sink connection per range worker.
 pub struct Backfill {
     name: String,
+    /// The fencing epoch every chunk checkpoint checks.
+    epoch: i64,
     ranges: Vec<RangeRecord>,
     sinks: Vec<Option<PgSink>>,
     chunk_rows: u32,
@@ -118,6 +120,7 @@ pub struct Backfill {
 impl Backfill {
     pub fn new(
         name: &str,
+        epoch: i64,
         ranges: Vec<RangeRecord>,
         sinks: Vec<PgSink>,
         settings: Settings,
@@ -137,6 +140,7 @@ impl Backfill {
             });
         Backfill {
             name: name.to_string(),
+            epoch,
             chunk_rows: settings.chunk_rows,
             ranges,
             sinks: sinks.into_iter().map(Some).collect(),
@@ -204,9 +208,10 @@ impl Backfill {
             };
             let range = range.clone();
             let name = self.name.clone();
+            let epoch = self.epoch;
             let rows = self.chunk_rows as i64;
             set.spawn(async move {
-                let result = copy_chunk(&mut sink, &name, &range, rows).await;
+                let result = copy_chunk(&mut sink, &name, epoch, &range, rows).await;
                 (i, sink, result)
             });
         }
@@ -254,6 +259,7 @@ impl Backfill {
 async fn copy_chunk(
     sink: &mut PgSink,
     name: &str,
+    epoch: i64,
     range: &RangeRecord,
     rows: i64,
 ) -> Result<(u64, Option<Key>, bool)> {
@@ -264,7 +270,7 @@ async fn copy_chunk(
         None => (range.hi.clone(), true),
     };
     let cursor = hi.clone().or_else(|| lo.cloned());
-    let checkpoint = chunk_checkpoint(name, range.range_no, &cursor, done);
+    let checkpoint = chunk_checkpoint(name, epoch, range.range_no, &cursor, done);
     let n = sink.copy_range(lo, hi.as_ref(), &checkpoint).await?;
     Ok((n, cursor, done))
 }

@@ -34,6 +34,7 @@ pub async fn run(
     checked: &Checked,
     mapping: Arc<Mapping>,
     mut backfill: Backfill,
+    epoch: i64,
     record: &PipelineRecord,
     opts: &RunOptions,
     cancel: CancellationToken,
@@ -41,6 +42,7 @@ pub async fn run(
     let Transport::Direct {
         batch_events,
         queue_batches,
+        linger_ms,
     } = p.transport;
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
@@ -63,7 +65,7 @@ pub async fn run(
     // The queue holds at most `queue_batches` batches' worth of changes.
     let capacity = batch_events.saturating_mul(queue_batches).max(1);
     let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
-    let mut rx = direct::Receiver::new(source_rx, batch_events);
+    let mut rx = direct::Receiver::new(source_rx, batch_events, Duration::from_millis(linger_ms));
 
     let mut sink = PgSink::connect(
         dsn,
@@ -133,7 +135,9 @@ pub async fn run(
                         lag_ms = Some(l);
                     }
                     let events = batch.events.len();
-                    let checkpoint = apply_checkpoint(&p.name, batch.ack, events, lag_ms);
+                    let checkpoint = apply_checkpoint(
+                        &p.name,
+                        epoch, batch.ack, events, lag_ms);
                     let started = Instant::now();
                     let applied = sink.apply(std::mem::take(&mut batch.events), &checkpoint).await?;
                     tracing::debug!(

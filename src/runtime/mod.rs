@@ -74,6 +74,7 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
         .await?;
     }
     state::acquire_lease(&control, &p.name).await?;
+    let epoch = state::bump_epoch(&control, &p.name).await?;
     let record = state::load(&control, &p.name)
         .await?
         .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
@@ -127,12 +128,12 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
         target_chunk: p.backfill.target_chunk_ms.map(Duration::from_millis),
         rate_limit_rows_per_s: p.backfill.rate_limit_rows_per_s,
     };
-    let backfill = Backfill::new(&p.name, ranges, sinks, settings);
+    let backfill = Backfill::new(&p.name, epoch, ranges, sinks, settings);
     if !backfill.finished() && record.phase != Phase::Backfilling.as_str() {
         state::set_phase(&control, &p.name, Phase::Backfilling, None).await?;
     }
     apply_loop::run(
-        p, &dsn, control, &checked, mapping, backfill, &record, opts, cancel,
+        p, &dsn, control, &checked, mapping, backfill, epoch, &record, opts, cancel,
     )
     .await
 }

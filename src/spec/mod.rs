@@ -114,9 +114,13 @@ pub struct Throttle {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transport {
+    /// `batch_events`: most changes in one applied batch; `queue_batches`:
+    /// how many batches' worth of changes may wait between reader and applier;
+    /// `linger_ms`: how long a batch may wait for more changes once it has one.
     Direct {
         batch_events: usize,
         queue_batches: usize,
+        linger_ms: u64,
     },
 }
 
@@ -460,6 +464,7 @@ fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     let kind = t.string("kind", p).unwrap_or_else(|| "direct".into());
     let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
     let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
+    let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
     if kind != "direct" {
         p.push(
             "transport.kind",
@@ -470,6 +475,7 @@ fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     Transport::Direct {
         batch_events,
         queue_batches,
+        linger_ms,
     }
 }
 

@@ -306,12 +306,18 @@ pub async fn load_ranges(client: &Client, name: &str) -> Result<Vec<RangeRecord>
 }
 
 /// The checkpoint of one copied chunk: the copy's row count is bound last.
-pub fn chunk_checkpoint(name: &str, range_no: i32, cursor: &Option<Key>, done: bool) -> Checkpoint {
+pub fn chunk_checkpoint(
+    name: &str,
+    epoch: i64,
+    range_no: i32,
+    cursor: &Option<Key>,
+    done: bool,
+) -> Checkpoint {
     let width = cursor.as_ref().map(|k| k.0.len()).unwrap_or(0);
     let cursor_sql = match cursor {
         None => "cursor".to_string(),
         Some(_) => {
-            let ps: Vec<String> = (0..width).map(|i| format!("${}::text", i + 4)).collect();
+            let ps: Vec<String> = (0..width).map(|i| format!("${}::text", i + 5)).collect();
             format!("ARRAY[{}]::text[]", ps.join(", "))
         }
     };
@@ -319,24 +325,30 @@ pub fn chunk_checkpoint(name: &str, range_no: i32, cursor: &Option<Key>, done: b
         Some(name.to_string()),
         Some(range_no.to_string()),
         Some(done.to_string()),
+        Some(epoch.to_string()),
     ];
     if let Some(k) = cursor {
         params.extend(k.0.iter().cloned());
     }
     let count_param = params.len() + 1;
     Checkpoint {
+        // FOR SHARE: parallel chunks do not block each other, but a newer
+        // process's epoch bump waits for this transaction (see `bump_epoch`).
         sql: format!(
             "UPDATE rowshift.backfill_ranges SET cursor = {cursor_sql}, done = $3::text::bool, \
              rows_copied = rows_copied + ${count_param}::text::int8, chunks_done = chunks_done + 1, updated_at = now() \
-             WHERE pipeline = $1::text AND range_no = $2::text::int4"
+             WHERE pipeline = $1::text AND range_no = $2::text::int4 \
+               AND (SELECT epoch FROM rowshift.pipelines WHERE name = $1::text FOR SHARE) = $4::text::int8"
         ),
         params,
+        fenced: true,
     }
 }
 
 /// The checkpoint of one applied batch.
 pub fn apply_checkpoint(
     name: &str,
+    epoch: i64,
     ack: Option<Lsn>,
     events: usize,
     lag_ms: Option<i64>,
@@ -345,15 +357,36 @@ pub fn apply_checkpoint(
         sql: "UPDATE rowshift.pipelines SET \
               applied_lsn = CASE WHEN $2::text IS NULL THEN applied_lsn ELSE greatest(coalesce(applied_lsn, '0/0'), $2::text::pg_lsn) END, \
               applied_at = now(), events_applied = events_applied + $3::text::int8, \
-              lag_ms = coalesce($4::text::int8, lag_ms) WHERE name = $1::text"
+              lag_ms = coalesce($4::text::int8, lag_ms) WHERE name = $1::text AND epoch = $5::text::int8"
             .to_string(),
         params: vec![
             Some(name.to_string()),
             ack.map(|l| l.to_string()),
             Some(events.to_string()),
             lag_ms.map(|l| l.to_string()),
+            Some(epoch.to_string()),
         ],
+        fenced: true,
     }
+}
+
+/// Fences out every earlier process: increments the pipeline's epoch and
+/// returns the new one. Every write transaction rowshift makes checks, in
+/// its checkpoint, the epoch it started under, and rolls back when it has
+/// changed; and this UPDATE waits for any such transaction still holding
+/// the pipeline row. So when it returns, no write of an earlier (killed)
+/// process can still commit — without it, a transaction whose COMMIT was in
+/// flight when its process died could land after this process had already
+/// applied newer changes to the same rows.
+pub async fn bump_epoch(client: &Client, name: &str) -> Result<i64> {
+    let row = client
+        .query_one(
+            "UPDATE rowshift.pipelines SET epoch = epoch + 1 WHERE name = $1 RETURNING epoch",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("fence earlier processes"))?;
+    Ok(row.get(0))
 }
 
 /// Takes the pipeline's lease on `client` (held until the connection closes).

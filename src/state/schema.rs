@@ -55,6 +55,8 @@ const STEPS: &[&str] = &[
         event text NOT NULL,
         detail text NOT NULL DEFAULT ''
      );",
+    // 2: the fencing epoch (see state::bump_epoch)
+    "ALTER TABLE rowshift.pipelines ADD COLUMN epoch int8 NOT NULL DEFAULT 0;",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

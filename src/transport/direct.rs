@@ -3,14 +3,19 @@
 //!
 //! The applier pulls a batch when it is ready, and a batch is everything
 //! that arrived while it applied the previous one (at most `max_events`
-//! changes). So batch size follows load: a quiet stream gives small batches
-//! and low latency; a backlog gives large batches that amortise each
-//! batch's fixed cost (one transaction, one checkpoint). A full queue stops
-//! the reader (back-pressure), and the slot keeps the WAL.
+//! changes), plus what arrives within `linger` of the batch's first message.
+//! So batch size follows load: a backlog gives large batches that amortise
+//! each batch's fixed cost (one transaction, one checkpoint, a few round
+//! trips), and a busy stream of small transactions is not applied one
+//! transaction per commit, which on a small machine would take the CPU the
+//! walsender needs to decode. `linger` bounds the latency this adds. A full
+//! queue stops the reader (back-pressure), and the slot keeps the WAL.
 
 use crate::error::{Error, Result};
 use crate::model::{Batch, SourceMsg};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// The applier's end of the queue.
 pub struct Receiver {
@@ -20,10 +25,13 @@ pub struct Receiver {
     seq: u64,
     max_events: usize,
     in_tx: bool,
+    linger: Duration,
+    /// When the pending batch must be handed over at the latest.
+    deadline: Option<Instant>,
 }
 
 impl Receiver {
-    pub fn new(rx: mpsc::Receiver<SourceMsg>, max_events: usize) -> Receiver {
+    pub fn new(rx: mpsc::Receiver<SourceMsg>, max_events: usize, linger: Duration) -> Receiver {
         Receiver {
             rx,
             buf: Vec::with_capacity(max_events.min(65_536)),
@@ -31,18 +39,23 @@ impl Receiver {
             seq: 0,
             max_events: max_events.max(1),
             in_tx: false,
+            linger,
+            deadline: None,
         }
     }
 
     /// The next batch: waits for the first message, then takes what is
-    /// queued without waiting for more. `None` when the source stopped.
+    /// queued and what arrives within `linger`, up to `max_events` changes.
+    /// `None` when the source stopped.
     ///
-    /// Cancel-safe: what a call received is kept in `self.pending` before
-    /// its next await, so dropping the future (in a `select!`) loses nothing.
+    /// Cancel-safe: what a call received is kept in `self.pending` (and the
+    /// linger deadline in `self.deadline`) before its next await, so dropping
+    /// the future (in a `select!`) loses nothing.
     pub async fn next(&mut self) -> Result<Option<Batch>> {
         loop {
             let full = self.pending.events.len() >= self.max_events;
-            if !self.pending.is_empty() && (full || self.rx.is_empty()) {
+            let due = self.deadline.is_some_and(|d| Instant::now() >= d);
+            if !self.pending.is_empty() && (full || (due && self.rx.is_empty())) {
                 return Ok(Some(self.take()));
             }
             self.buf.clear();
@@ -50,8 +63,20 @@ impl Receiver {
                 .max_events
                 .saturating_sub(self.pending.events.len())
                 .max(1);
-            if self.rx.recv_many(&mut self.buf, room).await == 0 {
+            let got = match self.deadline {
+                Some(deadline) if !self.pending.is_empty() => {
+                    tokio::select! {
+                        got = self.rx.recv_many(&mut self.buf, room) => got,
+                        _ = tokio::time::sleep_until(deadline) => continue,
+                    }
+                }
+                _ => self.rx.recv_many(&mut self.buf, room).await,
+            };
+            if got == 0 {
                 return Ok((!self.pending.is_empty()).then(|| self.take()));
+            }
+            if self.deadline.is_none() {
+                self.deadline = Some(Instant::now() + self.linger);
             }
             for msg in self.buf.drain(..) {
                 match msg {
@@ -76,6 +101,7 @@ impl Receiver {
     }
 
     fn take(&mut self) -> Batch {
+        self.deadline = None;
         let mut batch = std::mem::take(&mut self.pending);
         batch.seq = self.seq;
         self.seq += 1;
@@ -101,7 +127,7 @@ mod tests {
     #[tokio::test]
     async fn batches_take_what_is_queued_and_ack_only_whole_transactions() {
         let (tx, rx) = mpsc::channel(100);
-        let mut r = Receiver::new(rx, 3);
+        let mut r = Receiver::new(rx, 3, Duration::from_millis(1));
         for m in [
             change(1),
             SourceMsg::Commit(Lsn(10)),

@@ -273,3 +273,113 @@ async fn connections_terminated_mid_stream_are_resumed() {
     kill(&mut run);
     assert!(db.rowshift(&["abort", &name]).status.success());
 }
+
+/// Fencing: a transaction of an earlier process that still holds the
+/// pipeline row (a COMMIT in flight when its process was killed) delays the
+/// next process until it ends; afterwards, writes under the old epoch match
+/// nothing, so a sink rolls them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_fences_out_writes_of_the_old_one() {
+    use rowshift::state::{apply_checkpoint, chunk_checkpoint};
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, 2_000, 10).await;
+    let name = format!("fence_{}", db.tag);
+    let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 100_000, 1));
+    let out = db.rowshift(&[
+        "run",
+        items.to_str().expect("path"),
+        "--exit-when-caught-up",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let old: i64 = c
+        .query_one(
+            "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .expect("epoch")
+        .get(0);
+
+    // The "zombie": a write transaction of the old epoch, holding the row.
+    let mut zombie = db.client().await;
+    let tx = zombie.transaction().await.expect("begin");
+    let ck = apply_checkpoint(&name, old, None, 0, None);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        ck.params.iter().map(|p| p as _).collect();
+    assert_eq!(
+        tx.execute(ck.sql.as_str(), &params)
+            .await
+            .expect("checkpoint"),
+        1
+    );
+
+    let mut run = db.spawn_run(&items, "2");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now: i64 = c
+        .query_one(
+            "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .expect("epoch")
+        .get(0);
+    assert_eq!(
+        now, old,
+        "the new process must wait for the old transaction"
+    );
+    tx.commit().await.expect("zombie commit");
+    wait_for(
+        "the new process to fence the old one",
+        Duration::from_secs(30),
+        || async {
+            let e: i64 = c
+                .query_one(
+                    "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(old);
+            e > old
+        },
+    )
+    .await;
+
+    // Writes under the old epoch now change nothing: a sink rolls them back.
+    for ck in [
+        apply_checkpoint(&name, old, None, 0, None),
+        chunk_checkpoint(&name, old, 0, &None, true),
+    ] {
+        let mut params = ck.params.clone();
+        params.push(Some("0".into())); // a chunk's row count is bound last
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            [..highest_param(&ck.sql)]
+            .iter()
+            .map(|p| p as _)
+            .collect();
+        assert_eq!(
+            c.execute(ck.sql.as_str(), &refs)
+                .await
+                .expect("old-epoch write"),
+            0
+        );
+    }
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", &name]).status.success());
+}
+
+/// The highest `$n` placeholder in an SQL text.
+fn highest_param(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|s| {
+            s.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}

@@ -322,9 +322,16 @@ async fn run_checkpoint(
     }
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
         params.iter().map(|p| p as _).collect();
-    tx.execute(stmt, &refs)
+    let changed = tx
+        .execute(stmt, &refs)
         .await
         .map_err(Error::db("write checkpoint"))?;
+    if checkpoint.fenced && changed != 1 {
+        // Returning drops the transaction, which rolls back this write.
+        return Err(Error::Stopped(
+            "another rowshift process took this pipeline over (fenced); this one stops without writing".into(),
+        ));
+    }
     Ok(())
 }
 
