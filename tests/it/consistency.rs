@@ -228,14 +228,7 @@ async fn connections_terminated_mid_stream_are_resumed() {
         exists(&c).await && phase(&c, &name).await.0 == "caught_up"
     })
     .await;
-    let before: i64 = c
-        .query_one(
-            "SELECT events_applied FROM rowshift.pipelines WHERE name = $1",
-            &[&name],
-        )
-        .await
-        .expect("events")
-        .get(0);
+    let before: i64 = pipeline_number(&c, &name, "events_applied").await;
     let killed: i64 = c
         .query_one(
             "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
@@ -251,14 +244,7 @@ async fn connections_terminated_mid_stream_are_resumed() {
         "events applied after the reconnect",
         Duration::from_secs(60),
         || async {
-            let now: i64 = c
-                .query_one(
-                    "SELECT events_applied FROM rowshift.pipelines WHERE name = $1",
-                    &[&name],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
+            let now: i64 = pipeline_number(&c, &name, "events_applied").await;
             now > before + 50
         },
     )
@@ -292,14 +278,7 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
         "--exit-when-caught-up",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let old: i64 = c
-        .query_one(
-            "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
-            &[&name],
-        )
-        .await
-        .expect("epoch")
-        .get(0);
+    let old: i64 = pipeline_number(&c, &name, "epoch").await;
 
     // The "zombie": a write transaction of the old epoch, holding the row.
     let mut zombie = db.client().await;
@@ -316,14 +295,7 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
 
     let mut run = db.spawn_run(&items, "2");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let now: i64 = c
-        .query_one(
-            "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
-            &[&name],
-        )
-        .await
-        .expect("epoch")
-        .get(0);
+    let now: i64 = pipeline_number(&c, &name, "epoch").await;
     assert_eq!(
         now, old,
         "the new process must wait for the old transaction"
@@ -333,14 +305,7 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
         "the new process to fence the old one",
         Duration::from_secs(30),
         || async {
-            let e: i64 = c
-                .query_one(
-                    "SELECT epoch FROM rowshift.pipelines WHERE name = $1",
-                    &[&name],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(old);
+            let e: i64 = pipeline_number(&c, &name, "epoch").await;
             e > old
         },
     )
@@ -367,6 +332,17 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
     }
     kill(&mut run);
     assert!(db.rowshift(&["abort", &name]).status.success());
+}
+
+/// One number from the pipeline's state row.
+async fn pipeline_number(c: &tokio_postgres::Client, name: &str, column: &str) -> i64 {
+    c.query_one(
+        &format!("SELECT {column} FROM rowshift.pipelines WHERE name = $1"),
+        &[&name],
+    )
+    .await
+    .expect("pipeline state row")
+    .get(0)
 }
 
 /// The highest `$n` placeholder in an SQL text.
