@@ -9,11 +9,12 @@ use crate::backfill::Backfill;
 use crate::error::{Error, Result};
 use crate::model::{now_us, Batch};
 use crate::preflight::Checked;
+use crate::sink::postgres::parallel::ParallelSink;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::source::postgres::replication::{self, ReaderConfig};
 use crate::spec::{Pipeline, Transport};
-use crate::state::{self, apply_checkpoint, Desired, Phase, PipelineRecord};
+use crate::state::{self, apply_checkpoint, fence_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
 use crate::transport::direct;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub async fn run(
         batch_events,
         queue_batches,
         linger_ms,
+        apply_workers,
     } = p.transport;
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
@@ -67,14 +69,21 @@ pub async fn run(
     let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
     let mut rx = direct::Receiver::new(source_rx, batch_events, Duration::from_millis(linger_ms));
 
-    let mut sink = PgSink::connect(
-        dsn,
-        mapping.clone(),
-        p.source_table.clone(),
-        p.target_table.clone(),
-        Role::Stream,
-    )
-    .await?;
+    let mut sinks = Vec::new();
+    for _ in 0..apply_workers.max(1) {
+        sinks.push(
+            PgSink::connect(
+                dsn,
+                mapping.clone(),
+                p.source_table.clone(),
+                p.target_table.clone(),
+                Role::Stream,
+            )
+            .await?,
+        );
+    }
+    let mut sink = ParallelSink::new(sinks, mapping.source_key.clone());
+    let fence = fence_checkpoint(&p.name, epoch);
     let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());
     let mut progress = Progress::new(opts.progress, &p.name, estimated(&control, &p.name).await?);
     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
@@ -139,7 +148,7 @@ pub async fn run(
                         &p.name,
                         epoch, batch.ack, events, lag_ms);
                     let started = Instant::now();
-                    let applied = sink.apply(std::mem::take(&mut batch.events), &checkpoint).await?;
+                    let applied = sink.apply(std::mem::take(&mut batch.events), &fence, &checkpoint).await?;
                     tracing::debug!(
                         events,
                         upserts = applied.upserts,

@@ -116,11 +116,13 @@ pub struct Throttle {
 pub enum Transport {
     /// `batch_events`: most changes in one applied batch; `queue_batches`:
     /// how many batches' worth of changes may wait between reader and applier;
-    /// `linger_ms`: how long a batch may wait for more changes once it has one.
+    /// `linger_ms`: how long a batch may wait for more changes once it has one;
+    /// `apply_workers`: connections a batch is applied on, split by key.
     Direct {
         batch_events: usize,
         queue_batches: usize,
         linger_ms: u64,
+        apply_workers: usize,
     },
 }
 
@@ -465,6 +467,7 @@ fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
     let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
     let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
+    let apply_workers = t.integer("apply_workers", 1, 16, p).unwrap_or(2) as usize;
     if kind != "direct" {
         p.push(
             "transport.kind",
@@ -476,6 +479,7 @@ fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
         batch_events,
         queue_batches,
         linger_ms,
+        apply_workers,
     }
 }
 

@@ -345,6 +345,17 @@ pub fn chunk_checkpoint(
     }
 }
 
+/// The check that ends each part of a batch applied in parallel: the
+/// pipeline row still carries this process's epoch (held `FOR SHARE` until
+/// commit, so a newer process's bump waits for the part).
+pub fn fence_checkpoint(name: &str, epoch: i64) -> Checkpoint {
+    Checkpoint {
+        sql: "SELECT 1 FROM rowshift.pipelines WHERE name = $1::text AND epoch = $2::text::int8 FOR SHARE".to_string(),
+        params: vec![Some(name.to_string()), Some(epoch.to_string())],
+        fenced: true,
+    }
+}
+
 /// The checkpoint of one applied batch.
 pub fn apply_checkpoint(
     name: &str,

@@ -15,6 +15,7 @@
 //! `work_mem = 64MB` keeps a full batch, materialised once for the update and
 //! the insert, in memory.
 
+pub mod parallel;
 pub mod sql;
 
 use super::fold::{fold, Segment};
@@ -152,8 +153,18 @@ impl PgSink {
     ) -> Result<Applied> {
         let segments = fold(events, &self.mapping.source_key)
             .map_err(|e| Error::Replication(e.to_string()))?;
+        self.apply_segments(&segments, checkpoint).await
+    }
+
+    /// Applies folded segments, in order, in one transaction that ends with
+    /// `checkpoint`.
+    pub async fn apply_segments(
+        &mut self,
+        segments: &[Segment],
+        checkpoint: &Checkpoint,
+    ) -> Result<Applied> {
         let mut statements = Vec::new();
-        for seg in &segments {
+        for seg in segments {
             statements.push(self.statements_for(seg).await?);
         }
         let refetch = self.statement(Kind::Refetch).await?;
@@ -221,6 +232,18 @@ impl PgSink {
         run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
         tx.commit().await.map_err(Error::db("commit apply"))?;
         Ok(applied)
+    }
+
+    /// Runs a checkpoint in a transaction of its own.
+    pub async fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let ckpt = self.checkpoint_statement(checkpoint).await?;
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(Error::db("begin checkpoint"))?;
+        run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
+        tx.commit().await.map_err(Error::db("commit checkpoint"))
     }
 
     async fn statements_for<'a>(&mut self, seg: &'a Segment) -> Result<SegmentStatements<'a>> {
