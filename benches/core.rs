@@ -85,7 +85,7 @@ const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, 
 
 const MAPPED: &str = "SELECT id, customer_id, round(amount * 100)::bigint, status, note, round(amount * 1.2, 2), created_at FROM orders";
 
-fn pipeline() -> String {
+fn pipeline(apply_workers: usize) -> String {
     format!(
         r#"name: bench_orders
 source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
@@ -103,7 +103,7 @@ mapping:
     - created_at
   drop: [legacy_flag]
 backfill: {{ chunk_rows: 20000, workers: 2 }}
-transport: {{ kind: direct, batch_events: 10000 }}
+transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers} }}
 "#
     )
 }
@@ -283,7 +283,7 @@ async fn run(
     src.batch_execute("DROP TABLE ref_v2").await?;
     src.batch_execute("CHECKPOINT").await?;
     let file = work.join("bench.yaml");
-    std::fs::write(&file, pipeline())?;
+    std::fs::write(&file, pipeline(1))?;
     let file_arg = file.to_str().context("path")?;
     let mut child = rowshift(
         &dsn,
@@ -369,64 +369,84 @@ async fn run(
         .await?;
     wait_slot_inactive(&src, "ref_sub").await?;
 
-    settle_slots(&dsn, file_arg, work, &src, &sub).await?;
-    // 2a. A backlog of single-row transactions, built while both consumers are stopped.
-    println!("building a backlog of {BACKLOG} single-row transactions ...");
-    src.batch_execute("UPDATE orders SET note = 'start-1' WHERE id = 2")
-        .await?;
-    let per_client = (BACKLOG / 2).to_string();
-    let mut load = pgbench(
-        source.port,
-        &[
-            "-c",
-            "2",
-            "-j",
-            "2",
-            "-t",
-            &per_client,
-            "-f",
-            "benches/sql/update.sql",
-        ],
-    )?;
-    if !load.0.wait()?.success() {
-        bail!("pgbench failed");
-    }
-    src.batch_execute("UPDATE orders SET note = 'end-1' WHERE id = 1")
-        .await?;
-    let (ours, theirs) = measure_apply(&dsn, file_arg, work, &src, &sub, "1").await?;
-    results.add(
-        "stream apply, 200k single-row transactions",
-        "≥ 1.2× reference",
-        format!(
-            "built-in logical replication {:.0} tx/s",
-            BACKLOG as f64 / theirs
-        ),
-        format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
-    );
+    // 2. Apply rates, with one apply connection and with two (the default is
+    //    half the cores: on 2 cores a second applier competes with the walsender).
+    for workers in [1usize, 2] {
+        let wfile = work.join(format!("bench-{workers}.yaml"));
+        std::fs::write(&wfile, pipeline(workers))?;
+        let wfile = wfile.to_str().context("path")?;
+        let tag = |n: u32| format!("{n}w{workers}");
 
-    settle_slots(&dsn, file_arg, work, &src, &sub).await?;
-    // 2b. One transaction of 200k rows (bracketed by markers).
-    src.batch_execute("UPDATE orders SET note = 'start-2' WHERE id = 2")
+        // 2a. A backlog of single-row transactions, built while both consumers are stopped.
+        settle_slots(&dsn, wfile, work, &src, &sub).await?;
+        println!("building a backlog of {BACKLOG} single-row transactions ...");
+        src.batch_execute(&format!(
+            "UPDATE orders SET note = 'start-{}' WHERE id = 2",
+            tag(1)
+        ))
         .await?;
-    src.batch_execute(&format!(
-        "BEGIN; UPDATE orders SET amount = amount + 1 WHERE id BETWEEN 3 AND {}; UPDATE orders SET note = 'end-2' WHERE id = 1; COMMIT",
-        BACKLOG + 1
-    ))
-    .await?;
-    let (ours, theirs) = measure_apply(&dsn, file_arg, work, &src, &sub, "2").await?;
-    results.add(
-        "stream apply, one 200k-row transaction",
-        "≥ 1.5× reference",
-        format!(
-            "built-in logical replication {:.0} rows/s",
-            BACKLOG as f64 / theirs
-        ),
-        format!(
-            "{:.0} rows/s = {:.2}×",
-            BACKLOG as f64 / ours,
-            theirs / ours
-        ),
-    );
+        let per_client = (BACKLOG / 2).to_string();
+        let mut load = pgbench(
+            source.port,
+            &[
+                "-c",
+                "2",
+                "-j",
+                "2",
+                "-t",
+                &per_client,
+                "-f",
+                "benches/sql/update.sql",
+            ],
+        )?;
+        if !load.0.wait()?.success() {
+            bail!("pgbench failed");
+        }
+        src.batch_execute(&format!(
+            "UPDATE orders SET note = 'end-{}' WHERE id = 1",
+            tag(1)
+        ))
+        .await?;
+        let (ours, theirs) = measure_apply(&dsn, wfile, work, &src, &sub, &tag(1)).await?;
+        results.add(
+            &format!("stream apply, 200k single-row transactions, apply_workers {workers}"),
+            "≥ 1.2× reference",
+            format!(
+                "built-in logical replication {:.0} tx/s",
+                BACKLOG as f64 / theirs
+            ),
+            format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
+        );
+
+        // 2b. One transaction of 200k rows (bracketed by markers).
+        settle_slots(&dsn, wfile, work, &src, &sub).await?;
+        src.batch_execute(&format!(
+            "UPDATE orders SET note = 'start-{}' WHERE id = 2",
+            tag(2)
+        ))
+        .await?;
+        src.batch_execute(&format!(
+            "BEGIN; UPDATE orders SET amount = amount + 1 WHERE id BETWEEN 3 AND {}; \
+             UPDATE orders SET note = 'end-{}' WHERE id = 1; COMMIT",
+            BACKLOG + 1,
+            tag(2)
+        ))
+        .await?;
+        let (ours, theirs) = measure_apply(&dsn, wfile, work, &src, &sub, &tag(2)).await?;
+        results.add(
+            &format!("stream apply, one 200k-row transaction, apply_workers {workers}"),
+            "≥ 1.5× reference",
+            format!(
+                "built-in logical replication {:.0} rows/s",
+                BACKLOG as f64 / theirs
+            ),
+            format!(
+                "{:.0} rows/s = {:.2}×",
+                BACKLOG as f64 / ours,
+                theirs / ours
+            ),
+        );
+    }
 
     // 3. Lag under a steady 2,000 writes/s after the backfill.
     let (p50, p99, max, n) = measure_lag(&dsn, file_arg, work, source.port, &src).await?;

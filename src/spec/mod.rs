@@ -467,7 +467,15 @@ fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
     let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
     let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
-    let apply_workers = t.integer("apply_workers", 1, 16, p).unwrap_or(2) as usize;
+    // Default: half the cores (1 to 4), leaving CPU for the walsender and the
+    // database, which on one small machine compete with the appliers.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let apply_workers = t
+        .integer("apply_workers", 1, 16, p)
+        .map(|n| n as usize)
+        .unwrap_or((cores / 2).clamp(1, 4));
     if kind != "direct" {
         p.push(
             "transport.kind",
