@@ -175,18 +175,7 @@ pub fn copy_range(
         conds
     };
     let mut conds = bounds(&source_key_row(m));
-    let mut probe = vec![m
-        .key_pairs
-        .iter()
-        .map(|(t, s)| {
-            format!(
-                "t.{} = src.{}",
-                quote_ident(&m.target_columns[*t].name),
-                quote_ident(&m.source_columns[*s].name)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ")];
+    let mut probe = vec![key_join(m, "src")];
     probe.extend(bounds(&target_key_row(m)));
     // Rows the target already has were written by the stream from a full row
     // image or a refetch and converge on their own; the copy adds the rest.
