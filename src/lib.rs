@@ -3,11 +3,13 @@
 //!
 //! Layers, lowest first (a module only uses the ones above it in this list):
 //! `spec`, `model`, `error` → `transform` → `source`, `sink`, `transport`,
-//! `state` → `backfill`, `preflight` → `runtime`, `plan`. Sources,
+//! `state` → `backfill`, `preflight` → `verify` → `runtime`, `cutover`, `plan`. Sources,
 //! transports and sinks never import the runtime.
 
 pub mod backfill;
+pub mod cutover;
 pub mod error;
+pub mod failpoint;
 pub mod model;
 pub mod plan;
 pub mod preflight;
@@ -18,5 +20,6 @@ pub mod spec;
 pub mod state;
 pub mod transform;
 pub mod transport;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rowshift::runtime::{self, control, RunOptions};
-use rowshift::state::{Desired, Phase};
-use rowshift::{spec, Error};
+use rowshift::state::Desired;
+use rowshift::{cutover, spec, Error};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,43 @@ enum Command {
     /// Stop the pipeline and remove everything rowshift created for it.
     Abort {
         name: String,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Row counts and chunked checksums of the old and the new table.
+    Verify {
+        /// A pipeline name or file.
+        name: String,
+        /// Re-copy chunks that still differ (through the running pipeline), then check them again.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Readiness gate, then swap the new table in under a short write pause.
+    Cutover {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// Swap the old table back in (the reverse stream kept it current).
+    Rollback {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        dsn: DsnArg,
+    },
+    /// After a cut-over: drop the old table, the slots and the publications.
+    Contract {
+        name: String,
+        /// Contract before the reverse window has passed.
+        #[arg(long)]
+        confirm: bool,
         #[command(flatten)]
         dsn: DsnArg,
     },
@@ -185,6 +222,95 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
+        Command::Verify {
+            name,
+            repair,
+            output,
+            dsn,
+        } => {
+            let p = pipeline(&name, &dsn).await?;
+            let report = rowshift::verify::verify(&p, rowshift::verify::Options { repair }).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "verified {}: {} chunks, {} source rows, {} target rows, {} rechecked after lag, {} mismatched, {} repaired, {:.1} s ({:.0} rows/s)",
+                    p.name,
+                    report.chunks,
+                    report.rows_source,
+                    report.rows_target,
+                    report.rechecked,
+                    report.mismatches.len(),
+                    report.repaired,
+                    report.duration_ms as f64 / 1000.0,
+                    report.rows_per_s
+                );
+                for m in &report.mismatches {
+                    println!(
+                        "  mismatch {}: source {} rows, target {} rows, {} key(s) differ{}",
+                        m.range,
+                        m.source_rows,
+                        m.target_rows,
+                        m.differing_keys,
+                        if m.repaired { " (repaired)" } else { "" }
+                    );
+                }
+            }
+            if report.unresolved() > 0 {
+                anyhow::bail!(
+                    "{} chunk(s) differ; `rowshift verify {} --repair` re-copies them",
+                    report.unresolved(),
+                    p.name
+                );
+            }
+        }
+        Command::Cutover { name, output, dsn } => {
+            let p = pipeline(&name, &dsn).await?;
+            let outcome = cutover::switch(&p, cutover::Kind::Cutover).await?;
+            print_outcome(&p, "cut over", &outcome, output)?;
+        }
+        Command::Rollback { name, output, dsn } => {
+            let p = pipeline(&name, &dsn).await?;
+            let outcome = cutover::switch(&p, cutover::Kind::Rollback).await?;
+            print_outcome(&p, "rolled back", &outcome, output)?;
+        }
+        Command::Contract { name, confirm, dsn } => {
+            let p = pipeline(&name, &dsn).await?;
+            for line in cutover::contract(&p, confirm).await? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A pipeline named directly (its file is found through the stored state) or by its file.
+async fn pipeline(name: &str, dsn: &DsnArg) -> anyhow::Result<spec::Pipeline> {
+    if name.ends_with(".yaml") || name.ends_with(".yml") || PathBuf::from(name).is_file() {
+        return Ok(spec::load(&PathBuf::from(name)).map_err(Error::from)?);
+    }
+    let (name, d) = resolve(name, dsn)?;
+    let file = control::pipeline_file(&d, &name).await?;
+    Ok(spec::load(&file).map_err(Error::from)?)
+}
+
+fn print_outcome(
+    p: &spec::Pipeline,
+    what: &str,
+    o: &cutover::Outcome,
+    output: Output,
+) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(o)?);
+        return Ok(());
+    }
+    println!("readiness:\n{}", cutover::render_checklist(&o.checklist));
+    println!(
+        "{} {what}: write pause {:.1} ms (lock attempts {}, fence {}, swap at {})",
+        p.name, o.pause_ms, o.attempts, o.fence_lsn, o.swap_lsn
+    );
+    for n in &o.notes {
+        println!("  {n}");
     }
     Ok(())
 }
@@ -248,13 +374,8 @@ async fn record_failure(p: &spec::Pipeline, e: &Error) {
             .flatten()
             .is_some()
         {
-            let _ = rowshift::state::set_phase(
-                &client,
-                &p.name,
-                Phase::Failed,
-                Some((&e.to_string(), e.hint())),
-            )
-            .await;
+            let _ =
+                rowshift::state::record_failure(&client, &p.name, &e.to_string(), e.hint()).await;
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `rowshift plan`: validate, preflight, and print every step with its SQL.
 //! Changes nothing (the preflight's dry run is rolled back).
 
-use crate::error::Result;
+use crate::cutover::reverse::{reverse_mapping, Reverse};
+use crate::error::{Error, Result};
 use crate::preflight::{self, Checked};
 use crate::runtime::{publication_sql, slot_sql};
 use crate::sink::postgres::sql;
@@ -15,7 +16,102 @@ pub async fn plan(p: &Pipeline) -> Result<String> {
     let mut client = connect(&dsn, "plan").await?;
     let record = state::load(&client, &p.name).await?;
     let checked = preflight::check(&mut client, p, record.as_ref()).await?;
-    Ok(render(p, &checked, record.is_some()))
+    let reverse = rollback_plan(&mut client, p, record.as_ref()).await?;
+    let mut out = render(p, &checked, record.is_some());
+    render_swap(&mut out, p, &reverse);
+    Ok(out)
+}
+
+/// Whether a rollback will be possible, found in a transaction that creates
+/// the new table (if it does not exist yet) and is rolled back.
+async fn rollback_plan(
+    client: &mut tokio_postgres::Client,
+    p: &Pipeline,
+    record: Option<&state::PipelineRecord>,
+) -> Result<Reverse> {
+    let reverse_now = record.is_some_and(|r| r.reverse());
+    let (new, old) = crate::cutover::new_and_old(p, reverse_now);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(Error::db("begin plan"))?;
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&new.quoted()])
+        .await
+        .map_err(Error::db("plan"))?
+        .get(0);
+    if !exists {
+        for stmt in &p.target_ddl {
+            tx.batch_execute(stmt)
+                .await
+                .map_err(Error::db("plan: dry-run DDL"))?;
+        }
+    }
+    let reverse = reverse_mapping(&tx, p, &new, &old).await?;
+    tx.rollback().await.map_err(Error::db("roll back plan"))?;
+    Ok(reverse)
+}
+
+fn render_swap(out: &mut String, p: &Pipeline, reverse: &Reverse) {
+    let c = &p.cutover;
+    let _ = writeln!(
+        out,
+        "8. verify: counts and checksums of {} keys per chunk on both sides, {} worker(s), differing chunks re-read up to {} times after the stream passes them",
+        p.verify.chunk_rows, p.verify.workers, p.verify.rechecks
+    );
+    let _ = writeln!(
+        out,
+        "9. cutover: gate (lag < {} ms, clean verification younger than {} s); LOCK TABLE {} IN ACCESS EXCLUSIVE MODE \
+         (lock_timeout {} ms, {} attempts, backoff up to {} ms); fence; drain; in one transaction rename {} -> {} and {} -> {}, \
+         sequences, views, referencing foreign keys (NOT VALID, validated after), grants{}; reverse stream on",
+        c.max_lag_ms,
+        c.verify_max_age_s,
+        p.source_table,
+        c.lock_timeout_ms,
+        c.lock_attempts,
+        c.backoff_max_ms,
+        p.source_table,
+        c.old_table,
+        p.target_table,
+        p.source_table,
+        if c.carry_triggers.is_empty() {
+            String::new()
+        } else {
+            format!(", triggers {}", c.carry_triggers.join(", "))
+        }
+    );
+    match reverse {
+        Reverse::Ready {
+            mapping,
+            not_carried,
+        } => {
+            let _ = writeln!(
+                out,
+                "10. rollback: possible; the reverse stream writes the old table as:"
+            );
+            for t in &mapping.target_columns {
+                let _ = writeln!(out, "     {} <- {}", t.name, t.expr);
+            }
+            if !not_carried.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "     not carried back (dropped; rows written after cut-over get the default): {}",
+                    not_carried.join(", ")
+                );
+            }
+        }
+        Reverse::Refused(reasons) => {
+            let _ = writeln!(out, "10. rollback: REFUSED after cut-over:");
+            for r in reasons {
+                let _ = writeln!(out, "     - {r}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "11. contract: after {} s (or --confirm): drop {}, the slots and the publications",
+        c.reverse_window_s, c.old_table
+    );
 }
 
 fn render(p: &Pipeline, c: &Checked, resuming: bool) -> String {

@@ -3,17 +3,16 @@
 //! argument relies on), polls the operator's wishes, and reports progress.
 
 use super::progress::Progress;
-use super::RunOptions;
+use super::{Exit, RunOptions};
 use crate::backfill::throttle::Throttler;
 use crate::backfill::Backfill;
 use crate::error::{Error, Result};
-use crate::model::{now_us, Batch};
-use crate::preflight::Checked;
+use crate::model::{now_us, Batch, Checkpoint, Key, Lsn};
 use crate::sink::postgres::parallel::ParallelSink;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::source::postgres::replication::{self, ReaderConfig};
-use crate::spec::{Pipeline, Transport};
+use crate::spec::{Pipeline, TableName, Transport};
 use crate::state::{self, apply_checkpoint, fence_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
 use crate::transport::direct;
@@ -27,19 +26,34 @@ pub fn heartbeat_prefix(name: &str) -> String {
     format!("rowshift.heartbeat.{name}")
 }
 
+/// One direction of streaming: which slot, which tables, which mapping.
+pub struct Stream {
+    /// The reverse stream (new table → old table, after cut-over).
+    pub reverse: bool,
+    pub slot: String,
+    pub publication: String,
+    pub source: TableName,
+    pub target: TableName,
+    pub mapping: Arc<Mapping>,
+    /// Transactions that committed before this position are skipped (set at
+    /// each swap; the stream that starts there must not replay older ones).
+    pub start_lsn: Option<Lsn>,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     p: &Pipeline,
     dsn: &str,
     control: Client,
-    checked: &Checked,
-    mapping: Arc<Mapping>,
+    stream: Stream,
     mut backfill: Backfill,
     epoch: i64,
     record: &PipelineRecord,
     opts: &RunOptions,
     cancel: CancellationToken,
-) -> Result<()> {
+) -> Result<Exit> {
+    let mapping = stream.mapping.clone();
+    let direction = if stream.reverse { "reverse" } else { "forward" };
     let Transport::Direct {
         batch_events,
         queue_batches,
@@ -52,8 +66,9 @@ pub async fn run(
     spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
     let reader = ReaderConfig {
         dsn: dsn.to_string(),
-        slot: p.slot_name(),
-        publication: p.publication_name(),
+        slot: stream.slot.clone(),
+        publication: stream.publication.clone(),
+        start_lsn: stream.start_lsn,
         columns: Arc::new(
             mapping
                 .source_columns
@@ -75,8 +90,8 @@ pub async fn run(
             PgSink::connect(
                 dsn,
                 mapping.clone(),
-                p.source_table.clone(),
-                p.target_table.clone(),
+                stream.source.clone(),
+                stream.target.clone(),
                 Role::Stream,
             )
             .await?,
@@ -87,18 +102,23 @@ pub async fn run(
     let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());
     let mut progress = Progress::new(opts.progress, &p.name, estimated(&control, &p.name).await?);
     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
-    let mut caught_up = record.phase == Phase::CaughtUp.as_str();
+    let mut caught_up = stream.reverse
+        || !matches!(
+            record.phase.as_str(),
+            "planned" | "expanding" | "backfilling" | "rolled_back" | "failed"
+        );
+    let mut repair_sink: Option<PgSink> = None;
     let mut backfill_done_us: Option<i64> = backfill.finished().then(now_us);
     let mut paused = record.desired == Desired::Pause;
     let mut throttled: Option<String> = None;
     let mut last_control = Instant::now();
     let mut lag_ms: Option<i64> = None;
-    tracing::info!(pipeline = %p.name, notes = checked.notes.len(), "running");
+    tracing::info!(pipeline = %p.name, direction, source = %stream.source, target = %stream.target, "streaming");
 
     // Ordered shutdown: leave the loop, stop the heartbeat, the batcher and
     // the reader, and wait for the reader to release the slot, so that an
     // in-process retry can start streaming from it again.
-    let result: Result<()> = async {
+    let result: Result<Exit> = async {
         loop {
             if !backfill.finished() && !paused {
                 throttled = throttler.check(&control).await?;
@@ -146,7 +166,7 @@ pub async fn run(
                     let events = batch.events.len();
                     let checkpoint = apply_checkpoint(
                         &p.name,
-                        epoch, batch.ack, events, lag_ms);
+                        epoch, stream.reverse, batch.ack, events, lag_ms);
                     let started = Instant::now();
                     let applied = sink.apply(std::mem::take(&mut batch.events), &fence, &checkpoint).await?;
                     tracing::debug!(
@@ -171,7 +191,7 @@ pub async fn run(
                         }
                         if opts.exit_when_caught_up {
                             progress.finish();
-                                    return Ok(());
+                            return Ok(Exit::Done);
                         }
                     }
                 }
@@ -179,10 +199,16 @@ pub async fn run(
             }
             if last_control.elapsed() >= Duration::from_millis(500) {
                 last_control = Instant::now();
-                let desired = state::load(&control, &p.name)
-                    .await?
-                    .map(|r| r.desired)
-                    .unwrap_or(Desired::Abort);
+                let now = state::load(&control, &p.name).await?;
+                if let Some(r) = &now {
+                    if r.reverse() != stream.reverse || matches!(r.phase.as_str(), "contracting" | "contracted") {
+                        return Ok(Exit::Switched);
+                    }
+                }
+                let desired = now.map(|r| r.desired).unwrap_or(Desired::Abort);
+                if !stream.reverse {
+                    run_repairs(p, dsn, &control, &mapping, epoch, &mut repair_sink).await?;
+                }
                 match desired {
                     Desired::Abort => {
                             return Err(Error::Stopped(format!(
@@ -222,6 +248,60 @@ pub async fn run(
         tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
     }
     result
+}
+
+/// Re-copies the key ranges `rowshift verify --repair` queued (between two
+/// batches, like a backfill chunk; see [`crate::verify`]).
+async fn run_repairs(
+    p: &Pipeline,
+    dsn: &str,
+    control: &Client,
+    mapping: &Arc<Mapping>,
+    epoch: i64,
+    sink: &mut Option<PgSink>,
+) -> Result<()> {
+    let queued = control
+        .query(
+            "SELECT id, lo, hi FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL ORDER BY id LIMIT 16",
+            &[&p.name],
+        )
+        .await
+        .map_err(Error::db("read repair requests"))?;
+    for r in queued {
+        let id: i64 = r.get(0);
+        let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
+        let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
+        if sink.is_none() {
+            *sink = Some(
+                PgSink::connect(
+                    dsn,
+                    mapping.clone(),
+                    p.source_table.clone(),
+                    p.target_table.clone(),
+                    Role::Copy,
+                )
+                .await?,
+            );
+        }
+        let Some(s) = sink.as_mut() else { continue };
+        let done = Checkpoint {
+            sql: "UPDATE rowshift.repairs SET done_at = now() WHERE id = $1::text::int8 \
+                  AND (SELECT epoch FROM rowshift.pipelines WHERE name = $2::text FOR SHARE) = $3::text::int8"
+                .into(),
+            params: vec![Some(id.to_string()), Some(p.name.clone()), Some(epoch.to_string())],
+            fenced: true,
+        };
+        let (deleted, written) = s.repair_range(lo.as_ref(), hi.as_ref(), &done).await?;
+        control
+            .execute(
+                "UPDATE rowshift.repairs SET rows_deleted = $2, rows_written = $3 WHERE id = $1",
+                &[&id, &(deleted as i64), &(written as i64)],
+            )
+            .await
+            .map_err(Error::db("record repair"))?;
+        tracing::info!(pipeline = %p.name, request = id, deleted, written, "key range re-copied");
+    }
+    Ok(())
 }
 
 /// End-to-end lag of a batch: from the source commit (or heartbeat) to now.

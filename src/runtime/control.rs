@@ -33,6 +33,34 @@ pub struct Status {
     pub throttled: Option<String>,
     pub failure: Option<String>,
     pub hint: Option<String>,
+    /// Which table carries the live name.
+    pub live: String,
+    pub verification: Option<VerificationStatus>,
+    pub last_swap: Option<SwapStatus>,
+}
+
+/// The latest verification report.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerificationStatus {
+    pub finished_s_ago: Option<f64>,
+    pub chunks: i64,
+    pub rows_source: i64,
+    pub rows_target: i64,
+    pub mismatches: i64,
+    pub repaired: i64,
+    pub duration_ms: Option<i64>,
+    pub rows_per_s: Option<f64>,
+    pub mismatched_ranges: String,
+}
+
+/// The latest cut-over or rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapStatus {
+    pub kind: String,
+    pub outcome: String,
+    pub attempts: i32,
+    pub pause_ms: Option<f64>,
+    pub blockers: String,
 }
 
 pub async fn status(dsn: &str, name: Option<&str>) -> Result<Vec<Status>> {
@@ -67,14 +95,74 @@ pub async fn status(dsn: &str, name: Option<&str>) -> Result<Vec<Status>> {
         let phase: String = r.get(1);
         let eta = (phase == "backfilling" && rate > 0.0)
             .then(|| ((estimated - copied).max(0)) as f64 / rate);
-        let slot = slot_lag(&client, &format!("rowshift_{name}")).await?;
         let seen: Option<f64> = r.get(15);
+        let direction: String = client
+            .query_one(
+                "SELECT direction FROM rowshift.pipelines WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(Error::db("read direction"))?
+            .get(0);
+        let slot_name = if direction == "reverse" {
+            format!("rowshift_{name}_rev")
+        } else {
+            format!("rowshift_{name}")
+        };
+        let slot = slot_lag(&client, &slot_name).await?;
+        let source_table: String = r.get(3);
+        let target_table: String = r.get(4);
+        let live = if direction == "reverse" {
+            format!("the new table (built as {target_table}) carries the name {source_table}")
+        } else {
+            format!("the old table {source_table} (the new one is {target_table})")
+        };
+        let verification = client
+            .query_opt(
+                "SELECT extract(epoch FROM now() - finished_at)::float8, chunks, rows_source, rows_target, \
+                        mismatches, repaired, duration_ms, rows_per_s, mismatched_ranges \
+                 FROM rowshift.verifications WHERE pipeline = $1 ORDER BY id DESC LIMIT 1",
+                &[&name],
+            )
+            .await
+            .map_err(Error::db("read verification"))?
+            .map(|v| VerificationStatus {
+                finished_s_ago: v.get::<_, Option<f64>>(0).map(|s| s.round()),
+                chunks: v.get(1),
+                rows_source: v.get(2),
+                rows_target: v.get(3),
+                mismatches: v.get(4),
+                repaired: v.get(5),
+                duration_ms: v.get(6),
+                rows_per_s: v.get(7),
+                mismatched_ranges: v.get(8),
+            });
+        let last_swap = client
+            .query_opt(
+                "SELECT kind, outcome, attempts, pause_ms, blockers FROM rowshift.cutovers \
+                 WHERE pipeline = $1 ORDER BY id DESC LIMIT 1",
+                &[&name],
+            )
+            .await
+            .map_err(Error::db("read cut-over"))?
+            .map(|c| SwapStatus {
+                kind: c.get(0),
+                outcome: c.get(1),
+                attempts: c.get(2),
+                pause_ms: c
+                    .get::<_, Option<f64>>(3)
+                    .map(|p| (p * 10.0).round() / 10.0),
+                blockers: c.get(4),
+            });
         out.push(Status {
+            live,
+            verification,
+            last_swap,
             name,
             phase,
             desired: r.get(2),
-            source_table: r.get(3),
-            target_table: r.get(4),
+            source_table,
+            target_table,
             rows_copied: copied,
             rows_estimated: estimated,
             chunks_done: r.get(7),
@@ -158,6 +246,38 @@ pub fn render(s: &Status) -> String {
     if let Some(t) = &s.throttled {
         lines.push(format!("throttled  {t}"));
     }
+    lines.push(format!("live       {}", s.live));
+    if let Some(v) = &s.verification {
+        lines.push(match v.finished_s_ago {
+            None => "verified   (running)".to_string(),
+            Some(ago) => format!(
+                "verified   {ago:.0} s ago: {} chunks, {}/{} rows, {} mismatched, {} repaired, {:.0} rows/s{}",
+                v.chunks,
+                v.rows_source,
+                v.rows_target,
+                v.mismatches,
+                v.repaired,
+                v.rows_per_s.unwrap_or(0.0),
+                if v.mismatched_ranges.is_empty() { String::new() } else { format!(" [{}]", v.mismatched_ranges) }
+            ),
+        });
+    }
+    if let Some(c) = &s.last_swap {
+        lines.push(format!(
+            "last swap  {} {}: write pause {}, {} lock attempt(s){}",
+            c.kind,
+            c.outcome,
+            c.pause_ms
+                .map(|p| format!("{p:.1} ms"))
+                .unwrap_or("-".into()),
+            c.attempts,
+            if c.blockers.is_empty() {
+                String::new()
+            } else {
+                format!(", blocked by {}", c.blockers)
+            }
+        ));
+    }
     if let Some(f) = &s.failure {
         lines.push(format!("failure    {f}"));
         if let Some(h) = &s.hint {
@@ -185,6 +305,18 @@ pub async fn abort(dsn: &str, name: &str) -> Result<Vec<String>> {
         .ok_or_else(|| Error::Config {
             reason: format!("no pipeline named {name}"),
         })?;
+    if record.reverse()
+        || matches!(
+            record.phase.as_str(),
+            "cutting_over" | "rolling_back" | "contracting"
+        )
+    {
+        return Err(Error::State(format!(
+            "pipeline {name} is {}: the new table carries (or is about to carry) the live name, so abort would drop live data. \
+             Use `rowshift rollback {name}` first, or `rowshift contract {name}` to finish",
+            record.phase
+        )));
+    }
     state::set_desired(&client, name, Desired::Abort).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while state::lease_held(&client, name).await? {
@@ -197,46 +329,23 @@ pub async fn abort(dsn: &str, name: &str) -> Result<Vec<String>> {
     }
     let mut done = Vec::new();
     let slot = format!("rowshift_{name}");
-    // A killed runner's walsender can linger until the server notices; end it.
-    for _ in 0..50 {
-        let active: Option<Option<i32>> = client
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(Error::db("look up slot"))?
-            .map(|r| r.get(0));
-        match active {
-            None => break,
-            Some(None) => {
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await
-                    .map_err(Error::db("drop slot"))?;
-                done.push(format!("dropped replication slot {slot}"));
-                break;
-            }
-            Some(Some(pid)) => {
-                client
-                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                    .await
-                    .map_err(Error::db("stop walsender"))?;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+    for s in [slot.clone(), format!("{slot}_rev")] {
+        if drop_slot(&client, &s).await? {
+            done.push(format!("dropped replication slot {s}"));
         }
     }
     if record.created_publication {
         client
             .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&slot)
+                "DROP PUBLICATION IF EXISTS {}; DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&slot),
+                quote_ident(&format!("{slot}_rev"))
             ))
             .await
             .map_err(Error::db("drop publication"))?;
         done.push(format!("dropped publication {slot}"));
     }
-    if record.created_target {
+    if record.created_target && record.phase != "contracted" {
         if let Some(t) = TableName::parse(&record.target_table) {
             client
                 .batch_execute(&format!("DROP TABLE IF EXISTS {}", t.quoted()))
@@ -248,4 +357,65 @@ pub async fn abort(dsn: &str, name: &str) -> Result<Vec<String>> {
     state::delete_pipeline(&client, name).await?;
     done.push(format!("removed the state of pipeline {name}"));
     Ok(done)
+}
+
+/// Drops a replication slot if it exists, ending a walsender that still
+/// holds it (a killed runner's can linger until the server notices).
+/// Returns whether a slot was dropped.
+pub async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<bool> {
+    for _ in 0..100 {
+        let active: Option<Option<i32>> = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(Error::db("look up slot"))?
+            .map(|r| r.get(0));
+        match active {
+            None => return Ok(false),
+            Some(None) => {
+                match client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                {
+                    Ok(_) => return Ok(true),
+                    // Taken again in between (55006 object_in_use): retry.
+                    Err(e) if e.code().map(|c| c.code()) == Some("55006") => {}
+                    Err(e) => return Err(Error::db("drop slot")(e)),
+                }
+            }
+            Some(Some(pid)) => {
+                client
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map_err(Error::db("stop walsender"))?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::State(format!(
+        "replication slot {slot} stayed in use; drop it by hand"
+    )))
+}
+
+/// The pipeline file a stored pipeline was started from.
+pub async fn pipeline_file(dsn: &str, name: &str) -> Result<std::path::PathBuf> {
+    let client = connect(dsn, "control").await?;
+    if !state::schema_exists(&client).await? {
+        return Err(Error::Config {
+            reason: format!("no pipeline named {name}"),
+        });
+    }
+    let row = client
+        .query_opt(
+            "SELECT file FROM rowshift.pipelines WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("look up pipeline file"))?
+        .ok_or_else(|| Error::Config {
+            reason: format!("no pipeline named {name}"),
+        })?;
+    Ok(std::path::PathBuf::from(row.get::<_, String>(0)))
 }

@@ -14,13 +14,17 @@ mod apply_loop;
 pub mod control;
 mod progress;
 
+pub use apply_loop::Stream;
+
 use crate::backfill::{plan_ranges, Backfill, Settings};
+use crate::cutover::reverse::{reverse_mapping, Reverse};
 use crate::error::{Error, Result};
 use crate::preflight::{self, spec_hash, Checked};
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::spec::{quote_literal, Pipeline};
 use crate::state::{self, Desired, Phase, PipelineRecord};
+use control::drop_slot;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -38,6 +42,11 @@ pub struct RunOptions {
 }
 
 /// Runs a pipeline until it is stopped (or caught up, with the option).
+///
+/// The process runs whichever stream is active: forward (old table live,
+/// new table kept current, with the backfill) or, after a cut-over, reverse
+/// (new table live, old table kept current for a rollback). When a swap
+/// changes the direction, the running stream ends and the other starts.
 pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> Result<()> {
     let dsn = p.source_dsn()?;
     let mut control = connect(&dsn, "control").await?;
@@ -58,11 +67,25 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
                 p.name
             )));
         }
+        if finished(&r.phase) {
+            return Err(Error::State(format!(
+                "pipeline {} is {}; there is nothing left to run",
+                p.name, r.phase
+            )));
+        }
     }
-    let checked = preflight::check(&mut control, p, record.as_ref()).await?;
+    let mut forward_mapping = None;
+    if !record.as_ref().is_some_and(|r| r.reverse()) {
+        let checked = preflight::check(&mut control, p, record.as_ref()).await?;
+        tracing::info!(pipeline = %p.name, notes = checked.notes.len(), "preflight passed");
+        forward_mapping = Some(checked);
+    }
     state::ensure_schema(&mut control).await?;
     if record.is_none() {
-        let file = p.file.display().to_string();
+        let file = std::fs::canonicalize(&p.file)
+            .unwrap_or_else(|_| p.file.clone())
+            .display()
+            .to_string();
         state::register(
             &control,
             &p.name,
@@ -75,25 +98,88 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
     }
     state::acquire_lease(&control, &p.name).await?;
     let epoch = state::bump_epoch(&control, &p.name).await?;
-    let record = state::load(&control, &p.name)
+    loop {
+        let record = state::load(&control, &p.name)
+            .await?
+            .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
+        if finished(&record.phase) {
+            tracing::info!(pipeline = %p.name, phase = %record.phase, "the pipeline is being contracted; stopping");
+            return Ok(());
+        }
+        let exit = if record.reverse() {
+            run_reverse(p, &dsn, &mut control, epoch, &record, opts, cancel.clone()).await
+        } else {
+            let checked = match forward_mapping.take() {
+                Some(c) => c,
+                None => preflight::check(&mut control, p, Some(&record)).await?,
+            };
+            let exit =
+                run_forward(p, &dsn, &mut control, &checked, epoch, opts, cancel.clone()).await;
+            forward_mapping = Some(checked);
+            exit
+        };
+        let now = state::load(&control, &p.name).await?;
+        let switched = now
+            .as_ref()
+            .is_some_and(|n| n.direction != record.direction || finished(&n.phase));
+        match exit {
+            Ok(Exit::Done) => return Ok(()),
+            Ok(Exit::Switched) => {}
+            // A checkpoint of the stream that was just switched off is refused.
+            Err(Error::Stopped(_)) if switched && !cancel.is_cancelled() => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(pipeline = %p.name, "the active stream changed direction");
+    }
+}
+
+fn finished(phase: &str) -> bool {
+    matches!(phase, "contracting" | "contracted")
+}
+
+/// Why a stream stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Caught up (with `exit_when_caught_up`), or contracted.
+    Done,
+    /// A swap changed the active direction.
+    Switched,
+}
+
+/// The forward stream: expand, slot, backfill, stream into the new table.
+async fn run_forward(
+    p: &Pipeline,
+    dsn: &str,
+    control: &mut Client,
+    checked: &Checked,
+    epoch: i64,
+    opts: &RunOptions,
+    cancel: CancellationToken,
+) -> Result<Exit> {
+    let record = state::load(control, &p.name)
         .await?
         .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
-    prepare(&mut control, p, &record).await?;
-    let record = state::load(&control, &p.name)
+    prepare(control, p, &record).await?;
+    if !matches!(record.phase.as_str(), "cutting_over") {
+        drop_slot(control, &p.reverse_slot_name()).await?;
+    }
+    let record = state::load(control, &p.name)
         .await?
         .ok_or_else(|| Error::State("pipeline state vanished".into()))?;
+    let dsn = dsn.to_string();
+    let dsn = dsn.as_str();
 
     let mapping = Arc::new(checked.mapping.clone());
     if !record.ranges_planned {
         let mut sink = PgSink::connect(
-            &dsn,
+            dsn,
             mapping.clone(),
             p.source_table.clone(),
             p.target_table.clone(),
             Role::Copy,
         )
         .await?;
-        let estimate = estimate_rows(&control, &checked, &p.source_table).await?;
+        let estimate = estimate_rows(control, checked, &p.source_table).await?;
         control
             .execute(
                 "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
@@ -102,9 +188,9 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
             .await
             .map_err(Error::db("store estimate"))?;
         let ranges = plan_ranges(&mut sink, p.backfill.workers, estimate).await?;
-        state::save_ranges(&mut control, &p.name, &ranges).await?;
+        state::save_ranges(control, &p.name, &ranges).await?;
     }
-    let ranges = state::load_ranges(&control, &p.name).await?;
+    let ranges = state::load_ranges(control, &p.name).await?;
     let mut sinks = Vec::new();
     for _ in 0..ranges
         .iter()
@@ -114,7 +200,7 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
     {
         sinks.push(
             PgSink::connect(
-                &dsn,
+                dsn,
                 mapping.clone(),
                 p.source_table.clone(),
                 p.target_table.clone(),
@@ -130,12 +216,89 @@ pub async fn run(p: &Pipeline, opts: &RunOptions, cancel: CancellationToken) -> 
     };
     let backfill = Backfill::new(&p.name, epoch, ranges, sinks, settings);
     if !backfill.finished() && record.phase != Phase::Backfilling.as_str() {
-        state::set_phase(&control, &p.name, Phase::Backfilling, None).await?;
+        state::set_phase(control, &p.name, Phase::Backfilling, None).await?;
     }
+    let stream = Stream {
+        reverse: false,
+        slot: p.slot_name(),
+        publication: p.publication_name(),
+        source: p.source_table.clone(),
+        target: p.target_table.clone(),
+        mapping,
+        start_lsn: record.start_lsn,
+    };
+    let control = connect(dsn, "control").await?;
     apply_loop::run(
-        p, &dsn, control, &checked, mapping, backfill, epoch, &record, opts, cancel,
+        p, dsn, control, stream, backfill, epoch, &record, opts, cancel,
     )
     .await
+}
+
+/// The reverse stream after a cut-over: new table (live) → old table.
+async fn run_reverse(
+    p: &Pipeline,
+    dsn: &str,
+    control: &mut Client,
+    epoch: i64,
+    record: &PipelineRecord,
+    opts: &RunOptions,
+    cancel: CancellationToken,
+) -> Result<Exit> {
+    if record.phase != "rolling_back" {
+        drop_slot(control, &p.slot_name()).await?;
+    }
+    let old = p.cutover.old_table.clone();
+    let mapping = match reverse_mapping(&*control, p, &p.source_table, &old).await? {
+        Reverse::Ready { mapping, .. } => Arc::new(mapping),
+        Reverse::Refused(reasons) => {
+            tracing::warn!(pipeline = %p.name, reasons = %reasons.join("; "), "no reverse stream: the old table is not kept current and rollback is refused");
+            return idle_until_switch(p, control, cancel).await;
+        }
+    };
+    let stream = Stream {
+        reverse: true,
+        slot: p.reverse_slot_name(),
+        publication: p.reverse_publication_name(),
+        source: p.source_table.clone(),
+        target: old,
+        mapping,
+        start_lsn: record.start_lsn,
+    };
+    let backfill = Backfill::new(
+        &p.name,
+        epoch,
+        Vec::new(),
+        Vec::new(),
+        Settings {
+            chunk_rows: 1,
+            target_chunk: None,
+            rate_limit_rows_per_s: None,
+        },
+    );
+    let control = connect(dsn, "control").await?;
+    apply_loop::run(
+        p, dsn, control, stream, backfill, epoch, record, opts, cancel,
+    )
+    .await
+}
+
+/// Without a reverse stream there is nothing to apply: wait for contract.
+async fn idle_until_switch(
+    p: &Pipeline,
+    control: &Client,
+    cancel: CancellationToken,
+) -> Result<Exit> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(Error::Stopped("interrupted".into())),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let r = state::load(control, &p.name).await?;
+        match r {
+            Some(r) if r.reverse() && !finished(&r.phase) => {}
+            _ => return Ok(Exit::Switched),
+        }
+    }
 }
 
 /// Expand, publication, slot: each created once and recorded.

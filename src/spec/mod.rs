@@ -137,9 +137,48 @@ pub struct Pipeline {
     pub target_ddl: Vec<String>,
     pub mapping: Vec<ColumnMapping>,
     pub dropped: Vec<String>,
+    /// For source columns the reverse stream cannot derive by itself: an SQL
+    /// expression over the new table's columns (`mapping.inverse`).
+    pub inverse: Vec<(String, String)>,
     pub backfill: Backfill,
     pub throttle: Throttle,
     pub transport: Transport,
+    pub verify: Verify,
+    pub cutover: Cutover,
+}
+
+/// How `rowshift verify` reads the tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verify {
+    /// Keys per checksummed chunk.
+    pub chunk_rows: u32,
+    /// Connections checksumming chunks at once.
+    pub workers: u32,
+    /// How often a differing chunk is read again (after the stream passed
+    /// the position of the previous read) before it counts as a mismatch.
+    pub rechecks: u32,
+}
+
+/// How `rowshift cutover` / `rollback` / `contract` behave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cutover {
+    /// The name the old table gets at cut-over (same schema as the source).
+    pub old_table: TableName,
+    /// `lock_timeout` of each attempt to lock the live table.
+    pub lock_timeout_ms: u64,
+    pub lock_attempts: u32,
+    /// Upper bound of the (jittered, doubling) wait between attempts.
+    pub backoff_max_ms: u64,
+    /// The gate: the stream's lag must be below this.
+    pub max_lag_ms: u64,
+    /// The gate: a clean verification must be younger than this.
+    pub verify_max_age_s: u64,
+    /// Longest wait, under the lock, for the applier to reach the fence.
+    pub drain_timeout_ms: u64,
+    /// Triggers of the live table re-created on the table that takes its name.
+    pub carry_triggers: Vec<String>,
+    /// `contract` without `--confirm` is refused until this long after cut-over.
+    pub reverse_window_s: u64,
 }
 
 impl Pipeline {
@@ -148,6 +187,13 @@ impl Pipeline {
     }
     pub fn publication_name(&self) -> String {
         format!("rowshift_{}", self.name)
+    }
+    /// The reverse stream's slot (new table → old table, after cut-over).
+    pub fn reverse_slot_name(&self) -> String {
+        format!("rowshift_{}_rev", self.name)
+    }
+    pub fn reverse_publication_name(&self) -> String {
+        format!("rowshift_{}_rev", self.name)
     }
     /// Reads the source DSN from the environment variable the file names.
     pub fn source_dsn(&self) -> Result<String, crate::Error> {
@@ -261,6 +307,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Pipeline, SpecError> {
     }
     let mapping = mapping_columns(&mut map, &mut p);
     let dropped = string_list(&mut map, "drop", &mut p);
+    let inverse = inverse_field(&mut map, &mut p);
     map.finish(&mut p);
     for d in &dropped {
         if mapping
@@ -277,6 +324,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Pipeline, SpecError> {
     let backfill = backfill_field(&mut top, &mut p);
     let throttle = throttle_field(&mut top, &mut p);
     let transport = transport_field(&mut top, &mut p);
+    let verify = verify_field(&mut top, &mut p);
+    let cutover = cutover_field(&mut top, source_table.as_ref(), &mut p);
     top.finish(&mut p);
 
     if !p.0.is_empty() {
@@ -293,9 +342,17 @@ pub fn parse(file: &Path, text: &str) -> Result<Pipeline, SpecError> {
                 target_ddl: ddl,
                 mapping,
                 dropped,
+                inverse,
                 backfill,
                 throttle,
                 transport,
+                verify,
+                cutover: cutover.ok_or_else(|| {
+                    fail(vec![Problem {
+                        field: "cutover".into(),
+                        reason: "incomplete".into(),
+                    }])
+                })?,
             })
         }
         _ => Err(fail(vec![Problem {
@@ -427,6 +484,101 @@ fn mapping_columns(f: &mut Fields, p: &mut Problems) -> Vec<ColumnMapping> {
         }
     }
     out
+}
+
+/// `mapping.inverse`: source column → SQL expression over the new table's columns.
+fn inverse_field(f: &mut Fields, p: &mut Problems) -> Vec<(String, String)> {
+    let path = f.path_of("inverse");
+    match f.get("inverse") {
+        None => Vec::new(),
+        Some(Value::Mapping(m)) => m
+            .iter()
+            .filter_map(|(k, v)| match (k.as_str(), v.as_str()) {
+                (Some(col), Some(expr)) if !col.is_empty() && !expr.trim().is_empty() => {
+                    Some((col.to_string(), expr.to_string()))
+                }
+                _ => {
+                    p.push(
+                        format!("{path}.{}", k.as_str().unwrap_or("?")),
+                        "must map a source column name to an SQL expression over the new table's columns",
+                    );
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            p.push(path, "must be a mapping of source column: SQL expression");
+            Vec::new()
+        }
+    }
+}
+
+fn verify_field(top: &mut Fields, p: &mut Problems) -> Verify {
+    let mut v = Fields::new("verify", top.get("verify"), p);
+    let verify = Verify {
+        chunk_rows: v.integer("chunk_rows", 10, 1_000_000, p).unwrap_or(10_000) as u32,
+        workers: v.integer("workers", 1, 16, p).unwrap_or(2) as u32,
+        rechecks: v.integer("rechecks", 0, 100, p).unwrap_or(5) as u32,
+    };
+    v.finish(p);
+    verify
+}
+
+fn cutover_field(
+    top: &mut Fields,
+    source: Option<&TableName>,
+    p: &mut Problems,
+) -> Option<Cutover> {
+    let mut c = Fields::new("cutover", top.get("cutover"), p);
+    let old_table = match c.string("old_table", p) {
+        Some(text) => match TableName::parse(&text) {
+            Some(t) => Some(t),
+            None => {
+                p.push("cutover.old_table", format!("{text:?} is not a table name"));
+                None
+            }
+        },
+        None => source.map(|s| TableName {
+            schema: s.schema.clone(),
+            name: format!("{}_old", s.name),
+        }),
+    };
+    if let (Some(old), Some(src)) = (&old_table, source) {
+        if old.schema != src.schema {
+            p.push(
+                "cutover.old_table",
+                format!(
+                    "must be in the source table's schema {} (a rename cannot move it)",
+                    src.schema
+                ),
+            );
+        }
+        if old == src {
+            p.push("cutover.old_table", "must differ from source.table");
+        }
+    }
+    let cutover = Cutover {
+        old_table: old_table.unwrap_or_else(|| TableName {
+            schema: String::new(),
+            name: String::new(),
+        }),
+        lock_timeout_ms: c.integer("lock_timeout_ms", 1, 60_000, p).unwrap_or(200),
+        lock_attempts: c.integer("lock_attempts", 1, 1_000, p).unwrap_or(10) as u32,
+        backoff_max_ms: c.integer("backoff_max_ms", 1, 600_000, p).unwrap_or(2_000),
+        max_lag_ms: c.integer("max_lag_ms", 1, 86_400_000, p).unwrap_or(1_000),
+        verify_max_age_s: c
+            .integer("verify_max_age_s", 1, 31_536_000, p)
+            .unwrap_or(3_600),
+        drain_timeout_ms: c
+            .integer("drain_timeout_ms", 10, 600_000, p)
+            .unwrap_or(10_000),
+        carry_triggers: string_list(&mut c, "carry_triggers", p),
+        reverse_window_s: c
+            .integer("reverse_window_s", 0, 31_536_000, p)
+            .unwrap_or(86_400),
+    };
+    c.finish(p);
+    source.map(|_| cutover)
 }
 
 fn backfill_field(top: &mut Fields, p: &mut Problems) -> Backfill {

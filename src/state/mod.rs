@@ -29,6 +29,13 @@ pub enum Phase {
     Expanding,
     Backfilling,
     CaughtUp,
+    Verified,
+    CuttingOver,
+    CutOver,
+    RollingBack,
+    RolledBack,
+    Contracting,
+    Contracted,
     Failed,
 }
 
@@ -39,6 +46,13 @@ impl Phase {
             Phase::Expanding => "expanding",
             Phase::Backfilling => "backfilling",
             Phase::CaughtUp => "caught_up",
+            Phase::Verified => "verified",
+            Phase::CuttingOver => "cutting_over",
+            Phase::CutOver => "cut_over",
+            Phase::RollingBack => "rolling_back",
+            Phase::RolledBack => "rolled_back",
+            Phase::Contracting => "contracting",
+            Phase::Contracted => "contracted",
             Phase::Failed => "failed",
         }
     }
@@ -66,6 +80,18 @@ pub struct PipelineRecord {
     pub created_slot: bool,
     pub ranges_planned: bool,
     pub applied_lsn: Option<Lsn>,
+    /// `forward` (old table live, new table kept current) or `reverse`
+    /// (after cut-over: new table live, old table kept current).
+    pub direction: String,
+    /// Where the active direction's stream starts (set at each swap).
+    pub start_lsn: Option<Lsn>,
+    pub rev_applied_lsn: Option<Lsn>,
+}
+
+impl PipelineRecord {
+    pub fn reverse(&self) -> bool {
+        self.direction == "reverse"
+    }
 }
 
 /// One key range of the backfill: keys in `(lo, hi]`, copied up to `cursor`.
@@ -103,7 +129,8 @@ pub async fn load(client: &Client, name: &str) -> Result<Option<PipelineRecord>>
     let row = client
         .query_opt(
             "SELECT name, spec_hash, source_table, target_table, phase, desired, created_target, \
-                    created_publication, created_slot, ranges_planned, applied_lsn::text \
+                    created_publication, created_slot, ranges_planned, applied_lsn::text, \
+                    direction, start_lsn::text, rev_applied_lsn::text \
              FROM rowshift.pipelines WHERE name = $1",
             &[&name],
         )
@@ -125,6 +152,9 @@ pub async fn load(client: &Client, name: &str) -> Result<Option<PipelineRecord>>
         created_slot: r.get(8),
         ranges_planned: r.get(9),
         applied_lsn: r.get::<_, Option<String>>(10).and_then(|s| Lsn::parse(&s)),
+        direction: r.get(11),
+        start_lsn: r.get::<_, Option<String>>(12).and_then(|s| Lsn::parse(&s)),
+        rev_applied_lsn: r.get::<_, Option<String>>(13).and_then(|s| Lsn::parse(&s)),
     }))
 }
 
@@ -171,6 +201,22 @@ pub async fn set_phase(
         reason.unwrap_or(""),
     )
     .await
+}
+
+/// Records a failure of the runner. The phase becomes `failed` only while
+/// the old table is live and no swap or contract is under way: those phases
+/// say which table carries the live name and must survive a failed run.
+pub async fn record_failure(client: &Client, name: &str, reason: &str, hint: &str) -> Result<()> {
+    client
+        .execute(
+            "UPDATE rowshift.pipelines SET failure = $2, hint = $3, updated_at = now(), \
+             phase = CASE WHEN direction = 'forward' AND phase NOT IN ('cutting_over', 'contracting', 'contracted') \
+                          THEN 'failed' ELSE phase END WHERE name = $1",
+            &[&name, &reason, &hint],
+        )
+        .await
+        .map_err(Error::db("record failure"))?;
+    audit(client, name, "failed", reason).await
 }
 
 fn created_column(what: &str) -> Result<&'static str> {
@@ -357,19 +403,29 @@ pub fn fence_checkpoint(name: &str, epoch: i64) -> Checkpoint {
 }
 
 /// The checkpoint of one applied batch.
+/// It also checks that the batch's direction is still the active one: after
+/// a swap, the stream that was just switched off can write nothing more.
 pub fn apply_checkpoint(
     name: &str,
     epoch: i64,
+    reverse: bool,
     ack: Option<Lsn>,
     events: usize,
     lag_ms: Option<i64>,
 ) -> Checkpoint {
+    let (column, direction) = if reverse {
+        ("rev_applied_lsn", "reverse")
+    } else {
+        ("applied_lsn", "forward")
+    };
     Checkpoint {
-        sql: "UPDATE rowshift.pipelines SET \
-              applied_lsn = CASE WHEN $2::text IS NULL THEN applied_lsn ELSE greatest(coalesce(applied_lsn, '0/0'), $2::text::pg_lsn) END, \
+        sql: format!(
+            "UPDATE rowshift.pipelines SET \
+              {column} = CASE WHEN $2::text IS NULL THEN {column} ELSE greatest(coalesce({column}, '0/0'), $2::text::pg_lsn) END, \
               applied_at = now(), events_applied = events_applied + $3::text::int8, \
-              lag_ms = coalesce($4::text::int8, lag_ms) WHERE name = $1::text AND epoch = $5::text::int8"
-            .to_string(),
+              lag_ms = coalesce($4::text::int8, lag_ms) WHERE name = $1::text AND epoch = $5::text::int8 \
+              AND direction = '{direction}'"
+        ),
         params: vec![
             Some(name.to_string()),
             ack.map(|l| l.to_string()),

@@ -57,6 +57,51 @@ const STEPS: &[&str] = &[
      );",
     // 2: the fencing epoch (see state::bump_epoch)
     "ALTER TABLE rowshift.pipelines ADD COLUMN epoch int8 NOT NULL DEFAULT 0;",
+    // 3: verification, repairs, cut-over and the reverse stream
+    "ALTER TABLE rowshift.pipelines
+        ADD COLUMN direction text NOT NULL DEFAULT 'forward',
+        ADD COLUMN start_lsn pg_lsn,
+        ADD COLUMN rev_applied_lsn pg_lsn,
+        ADD COLUMN cut_over_at timestamptz;
+     CREATE TABLE rowshift.verifications (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        chunks int8 NOT NULL DEFAULT 0,
+        rows_source int8 NOT NULL DEFAULT 0,
+        rows_target int8 NOT NULL DEFAULT 0,
+        rechecked int8 NOT NULL DEFAULT 0,
+        mismatches int8 NOT NULL DEFAULT 0,
+        repaired int8 NOT NULL DEFAULT 0,
+        duration_ms int8,
+        rows_per_s float8,
+        mismatched_ranges text NOT NULL DEFAULT ''
+     );
+     CREATE TABLE rowshift.repairs (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        lo text[],
+        hi text[],
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        done_at timestamptz,
+        rows_deleted int8,
+        rows_written int8
+     );
+     CREATE TABLE rowshift.cutovers (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        kind text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        outcome text NOT NULL DEFAULT 'running',
+        attempts int4 NOT NULL DEFAULT 0,
+        blockers text NOT NULL DEFAULT '',
+        pause_ms float8,
+        fence_lsn pg_lsn,
+        swap_lsn pg_lsn,
+        to_validate text[] NOT NULL DEFAULT '{}'
+     );",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

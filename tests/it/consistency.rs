@@ -283,7 +283,7 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
     // The "zombie": a write transaction of the old epoch, holding the row.
     let mut zombie = db.client().await;
     let tx = zombie.transaction().await.expect("begin");
-    let ck = apply_checkpoint(&name, old, None, 0, None);
+    let ck = apply_checkpoint(&name, old, false, None, 0, None);
     let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
         ck.params.iter().map(|p| p as _).collect();
     assert_eq!(
@@ -313,7 +313,7 @@ async fn a_new_process_fences_out_writes_of_the_old_one() {
 
     // Writes under the old epoch now change nothing: a sink rolls them back.
     for ck in [
-        apply_checkpoint(&name, old, None, 0, None),
+        apply_checkpoint(&name, old, false, None, 0, None),
         chunk_checkpoint(&name, old, 0, &None, true),
     ] {
         let mut params = ck.params.clone();

@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod consistency;
+mod cutover;
 mod support;
 mod workload;

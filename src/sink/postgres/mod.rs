@@ -35,6 +35,8 @@ enum Kind {
     Partial(Vec<usize>),
     CopyRange(bool, bool),
     NextBound(bool, bool),
+    RepairUpsert(bool, bool),
+    RepairDelete(bool, bool),
     /// A caller's checkpoint SQL (prepared once per distinct text).
     Checkpoint(String),
 }
@@ -122,6 +124,12 @@ impl PgSink {
             }
             Kind::CopyRange(lo, hi) => sql::copy_range(m, &self.source, &self.target, *lo, *hi),
             Kind::NextBound(lo, hi) => sql::next_bound(m, &self.source, *lo, *hi),
+            Kind::RepairUpsert(lo, hi) => {
+                sql::repair_upsert(m, &self.source, &self.target, *lo, *hi)
+            }
+            Kind::RepairDelete(lo, hi) => {
+                sql::repair_delete(m, &self.source, &self.target, *lo, *hi)
+            }
             Kind::Checkpoint(text) => text.clone(),
         };
         let stmt = self
@@ -167,7 +175,6 @@ impl PgSink {
         for seg in segments {
             statements.push(self.statements_for(seg).await?);
         }
-        let refetch = self.statement(Kind::Refetch).await?;
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let target = self.target.quoted();
         let mapping = self.mapping.clone();
@@ -224,6 +231,19 @@ impl PgSink {
                 );
             }
             if !to_refetch.is_empty() {
+                // Prepared on first use only: it reads the source table.
+                let refetch = match self.statements.get(&Kind::Refetch) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let text = sql::refetch(&mapping, &self.source, &self.target);
+                        let s = tx
+                            .prepare(&text)
+                            .await
+                            .map_err(Error::db("prepare refetch"))?;
+                        self.statements.insert(Kind::Refetch, s.clone());
+                        s
+                    }
+                };
                 let keys: Vec<&Key> = to_refetch.iter().collect();
                 applied.refetches +=
                     exec_keys(&tx, &refetch, &keys, mapping.source_key.len()).await?;
@@ -323,6 +343,51 @@ impl PgSink {
         run_checkpoint(&tx, ckpt.as_ref(), checkpoint, Some(n)).await?;
         tx.commit().await.map_err(Error::db("commit chunk"))?;
         Ok(n)
+    }
+}
+
+impl PgSink {
+    /// Re-copies the key range `lo < key <= hi` from the source (a
+    /// verification repair): deletes target rows the source lacks and
+    /// upserts every source row, then runs `checkpoint`, in one transaction.
+    /// Safe for the same reason a chunk copy is (see [`crate::backfill`]): it
+    /// runs in the apply loop between batches. Returns (deleted, written).
+    pub async fn repair_range(
+        &mut self,
+        lo: Option<&Key>,
+        hi: Option<&Key>,
+        checkpoint: &Checkpoint,
+    ) -> Result<(u64, u64)> {
+        let bounds = (lo.is_some(), hi.is_some());
+        let delete = self
+            .statement(Kind::RepairDelete(bounds.0, bounds.1))
+            .await?;
+        let upsert = self
+            .statement(Kind::RepairUpsert(bounds.0, bounds.1))
+            .await?;
+        let ckpt = self.checkpoint_statement(checkpoint).await?;
+        let mut params: Vec<Option<String>> = Vec::new();
+        for k in [lo, hi].into_iter().flatten() {
+            params.extend(k.0.iter().cloned());
+        }
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as _).collect();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(Error::db("begin repair"))?;
+        let deleted = tx
+            .execute(&delete, &refs)
+            .await
+            .map_err(Error::db("repair: delete extra rows"))?;
+        let written = tx
+            .execute(&upsert, &refs)
+            .await
+            .map_err(Error::db("repair: re-copy rows"))?;
+        run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
+        tx.commit().await.map_err(Error::db("commit repair"))?;
+        Ok((deleted, written))
     }
 }
 

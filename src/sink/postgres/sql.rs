@@ -127,9 +127,74 @@ pub fn source_key_row(m: &Mapping) -> String {
     format!("({})", cols.join(", "))
 }
 
+/// `lo < row <= hi` (either bound optional) for a key row value; the
+/// parameters are the `lo` key columns, then the `hi` key columns.
+pub fn range_conds(m: &Mapping, row: &str, has_lo: bool, has_hi: bool) -> Vec<String> {
+    let mut conds = Vec::new();
+    if has_lo {
+        conds.push(format!("{row} > {}", key_params(m, 1)));
+    }
+    if has_hi {
+        let first = if has_lo { m.source_key.len() + 1 } else { 1 };
+        conds.push(format!("{row} <= {}", key_params(m, first)));
+    }
+    conds
+}
+
+/// Re-copies the source rows with `lo < key <= hi` over the target (a
+/// verification repair): the upsert half; [`repair_delete`] is the other.
+pub fn repair_upsert(
+    m: &Mapping,
+    source: &TableName,
+    target: &TableName,
+    has_lo: bool,
+    has_hi: bool,
+) -> String {
+    let conds = range_conds(m, &source_key_row(m), has_lo, has_hi);
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src {} {}",
+        target.quoted(),
+        m.target_list(),
+        m.select_list(),
+        source.quoted(),
+        where_clause(&conds),
+        m.on_conflict()
+    )
+}
+
+/// Deletes the target rows in `lo < key <= hi` whose key the source lacks.
+pub fn repair_delete(
+    m: &Mapping,
+    source: &TableName,
+    target: &TableName,
+    has_lo: bool,
+    has_hi: bool,
+) -> String {
+    let mut conds = range_conds(m, &target_key_row(m), has_lo, has_hi);
+    conds.push(format!(
+        "NOT EXISTS (SELECT 1 FROM ONLY {} AS src WHERE {})",
+        source.quoted(),
+        key_join(m, "src")
+    ));
+    format!(
+        "DELETE FROM ONLY {} AS t {}",
+        target.quoted(),
+        where_clause(&conds)
+    )
+}
+
+/// `WHERE a AND b`, or nothing for no conditions.
+pub fn where_clause(conds: &[String]) -> String {
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    }
+}
+
 /// The target's key columns as a row value `(t."a", t."b")`, in the order
 /// of the source key (so it compares with [`key_params`]).
-fn target_key_row(m: &Mapping) -> String {
+pub fn target_key_row(m: &Mapping) -> String {
     let cols: Vec<String> = m
         .source_key
         .iter()
@@ -159,24 +224,12 @@ pub fn copy_range(
     has_lo: bool,
     has_hi: bool,
 ) -> String {
-    let n = m.source_key.len();
     // The same bounds on the source and, for the "already there" probe, on
     // the target: an unbounded probe may be planned as a scan of the whole
     // (growing) target for every chunk.
-    let bounds = |row: &str| {
-        let mut conds = Vec::new();
-        if has_lo {
-            conds.push(format!("{row} > {}", key_params(m, 1)));
-        }
-        if has_hi {
-            let first = if has_lo { n + 1 } else { 1 };
-            conds.push(format!("{row} <= {}", key_params(m, first)));
-        }
-        conds
-    };
-    let mut conds = bounds(&source_key_row(m));
+    let mut conds = range_conds(m, &source_key_row(m), has_lo, has_hi);
     let mut probe = vec![key_join(m, "src")];
-    probe.extend(bounds(&target_key_row(m)));
+    probe.extend(range_conds(m, &target_key_row(m), has_lo, has_hi));
     // Rows the target already has were written by the stream from a full row
     // image or a refetch and converge on their own; the copy adds the rest.
     conds.push(format!(
@@ -219,11 +272,7 @@ pub fn next_bound(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) -
         conds.push(format!("{} <= {}", source_key_row(m), key_params(m, next)));
         next += n;
     }
-    let filter = if conds.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conds.join(" AND "))
-    };
+    let filter = where_clause(&conds);
     format!(
         "SELECT {} FROM ONLY {} AS src {filter} ORDER BY {} OFFSET ${next}::int8 LIMIT 1",
         cols.join(", "),

@@ -44,6 +44,9 @@ pub struct ReaderConfig {
     pub key_positions: Vec<usize>,
     /// Prefix of this pipeline's heartbeat messages.
     pub heartbeat_prefix: String,
+    /// Skip transactions that committed before this position (the server
+    /// starts at the slot's confirmed position when that is later).
+    pub start_lsn: Option<Lsn>,
 }
 
 /// Starts streaming from the slot's confirmed position. Returns the receiver
@@ -67,9 +70,12 @@ pub async fn start(
         LogicalReplicationStream::new(&super::replication_dsn(&config.dsn), stream_config)
             .await
             .map_err(|e| Error::Replication(format!("connect: {e}")))?;
-    stream.start(None).await.map_err(|e| {
-        Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
-    })?;
+    stream
+        .start(config.start_lsn.map(|l| l.0))
+        .await
+        .map_err(|e| {
+            Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
+        })?;
     let feedback: Arc<SharedLsnFeedback> = stream.shared_lsn_feedback.clone();
     let ack: AckFn = Arc::new(move |lsn: Lsn| feedback.update_applied_lsn(lsn.0));
     let (tx, rx) = mpsc::channel(capacity);
