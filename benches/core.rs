@@ -16,63 +16,16 @@
 //! Run: `bash scripts/bench.sh` (installs PostgreSQL if needed). Results are
 //! printed as a Markdown table for docs/benchmarks.md.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use common::*;
+use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const ROWS: i64 = 2_000_000;
 const BACKLOG: i64 = 200_000;
-
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn start(dir: PathBuf, port: u16) -> Result<Cluster> {
-        let status = Command::new("scripts/pg.sh")
-            .arg("start")
-            .arg(&dir)
-            .arg(port.to_string())
-            .arg("logical")
-            .status()?;
-        if !status.success() {
-            bail!("could not start PostgreSQL in {}", dir.display());
-        }
-        Ok(Cluster { dir, port })
-    }
-    fn dsn(&self, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
-            self.port
-        )
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("scripts/pg.sh")
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
-async fn connect(dsn: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 const ORDERS_DDL: &str =
     "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, \
@@ -108,41 +61,6 @@ transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers} 
     )
 }
 
-/// A child process killed when dropped, so a failing bench leaves none behind.
-struct Proc(Child);
-
-impl Proc {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
-        self.0.try_wait()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Proc> {
-    let log = std::fs::File::create(log)?;
-    Ok(Command::new(env!("CARGO_BIN_EXE_rowshift"))
-        .args(args)
-        .env("ROWSHIFT_SOURCE_DSN", dsn)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .map(Proc)?)
-}
-
 /// Peak resident set (VmHWM) of a running process, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -174,38 +92,6 @@ async fn wait_note(
     }
 }
 
-fn pgbench(port: u16, args: &[&str]) -> Result<Proc> {
-    Ok(Command::new("/usr/lib/postgresql/15/bin/pgbench")
-        .args([
-            "-n",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "bench",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(Proc)?)
-}
-
-struct Results {
-    rows: Vec<(String, String, String, String)>,
-}
-
-impl Results {
-    fn add(&mut self, what: &str, target: &str, reference: String, ours: String) {
-        println!("{what}: rowshift {ours}; reference {reference} (target {target})");
-        self.rows
-            .push((what.into(), target.into(), reference, ours));
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
@@ -215,10 +101,7 @@ async fn main() -> Result<()> {
     let subscriber = Cluster::start(work.join("subscriber"), free_port()?)?;
     let mut results = Results { rows: Vec::new() };
     let outcome = run(&source, &subscriber, &work, &mut results).await;
-    println!("\n| measure | target | reference | rowshift |\n|---|---|---|---|");
-    for (what, target, reference, ours) in &results.rows {
-        println!("| {what} | {target} | {reference} | {ours} |");
-    }
+    print_table(&results);
     drop(subscriber);
     drop(source);
     match &outcome {

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Issue 2's benchmarks (benches/core.rs): starts its own two PostgreSQL
-# clusters, measures rowshift next to each reference, prints a Markdown table.
+# The benchmarks: `bash scripts/bench.sh` runs all of them, or name one
+# (core: issue 2's backfill/apply/lag; cutover: issue 3's verify and write
+# pause). Each starts its own PostgreSQL clusters, measures rowshift next to
+# its reference, and prints a Markdown table for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/pg.sh install
-cargo bench --bench core
+benches=("$@")
+[ ${#benches[@]} -eq 0 ] && benches=(core cutover)
+for b in "${benches[@]}"; do
+  cargo bench --bench "$b"
+done

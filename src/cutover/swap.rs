@@ -133,7 +133,14 @@ pub async fn build(
     for (to, out, inc) in sequences {
         let col = quote_ident(&to);
         match inc {
-            Some(inc) if inc.name == out.name => {}
+            // One shared sequence: it belongs with the live column, so that
+            // dropping the other table later cannot take it along.
+            Some(inc) if inc.name == out.name => {
+                if out.owned && !inc.owned {
+                    swap.statements
+                        .push(format!("ALTER SEQUENCE {} OWNED BY {live}.{col}", out.name));
+                }
+            }
             Some(inc) => swap.statements.push(format!(
                 "SELECT setval({0}, greatest((SELECT coalesce(max({col})::int8, 1) FROM {live}), \
                  (SELECT last_value FROM {1}), (SELECT last_value FROM {0})))",

@@ -24,9 +24,13 @@
 //! ```
 
 mod reader;
+mod sections;
 
 pub use reader::{parse_byte_size, Problem};
 use reader::{Fields, Problems};
+use sections::{
+    backfill_field, cutover_field, inverse_field, throttle_field, transport_field, verify_field,
+};
 use serde_yaml::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -484,163 +488,6 @@ fn mapping_columns(f: &mut Fields, p: &mut Problems) -> Vec<ColumnMapping> {
         }
     }
     out
-}
-
-/// `mapping.inverse`: source column → SQL expression over the new table's columns.
-fn inverse_field(f: &mut Fields, p: &mut Problems) -> Vec<(String, String)> {
-    let path = f.path_of("inverse");
-    match f.get("inverse") {
-        None => Vec::new(),
-        Some(Value::Mapping(m)) => m
-            .iter()
-            .filter_map(|(k, v)| match (k.as_str(), v.as_str()) {
-                (Some(col), Some(expr)) if !col.is_empty() && !expr.trim().is_empty() => {
-                    Some((col.to_string(), expr.to_string()))
-                }
-                _ => {
-                    p.push(
-                        format!("{path}.{}", k.as_str().unwrap_or("?")),
-                        "must map a source column name to an SQL expression over the new table's columns",
-                    );
-                    None
-                }
-            })
-            .collect(),
-        Some(_) => {
-            p.push(path, "must be a mapping of source column: SQL expression");
-            Vec::new()
-        }
-    }
-}
-
-fn verify_field(top: &mut Fields, p: &mut Problems) -> Verify {
-    let mut v = Fields::new("verify", top.get("verify"), p);
-    let verify = Verify {
-        chunk_rows: v.integer("chunk_rows", 10, 1_000_000, p).unwrap_or(10_000) as u32,
-        workers: v.integer("workers", 1, 16, p).unwrap_or(2) as u32,
-        rechecks: v.integer("rechecks", 0, 100, p).unwrap_or(5) as u32,
-    };
-    v.finish(p);
-    verify
-}
-
-fn cutover_field(
-    top: &mut Fields,
-    source: Option<&TableName>,
-    p: &mut Problems,
-) -> Option<Cutover> {
-    let mut c = Fields::new("cutover", top.get("cutover"), p);
-    let old_table = match c.string("old_table", p) {
-        Some(text) => match TableName::parse(&text) {
-            Some(t) => Some(t),
-            None => {
-                p.push("cutover.old_table", format!("{text:?} is not a table name"));
-                None
-            }
-        },
-        None => source.map(|s| TableName {
-            schema: s.schema.clone(),
-            name: format!("{}_old", s.name),
-        }),
-    };
-    if let (Some(old), Some(src)) = (&old_table, source) {
-        if old.schema != src.schema {
-            p.push(
-                "cutover.old_table",
-                format!(
-                    "must be in the source table's schema {} (a rename cannot move it)",
-                    src.schema
-                ),
-            );
-        }
-        if old == src {
-            p.push("cutover.old_table", "must differ from source.table");
-        }
-    }
-    let cutover = Cutover {
-        old_table: old_table.unwrap_or_else(|| TableName {
-            schema: String::new(),
-            name: String::new(),
-        }),
-        lock_timeout_ms: c.integer("lock_timeout_ms", 1, 60_000, p).unwrap_or(200),
-        lock_attempts: c.integer("lock_attempts", 1, 1_000, p).unwrap_or(10) as u32,
-        backoff_max_ms: c.integer("backoff_max_ms", 1, 600_000, p).unwrap_or(2_000),
-        max_lag_ms: c.integer("max_lag_ms", 1, 86_400_000, p).unwrap_or(1_000),
-        verify_max_age_s: c
-            .integer("verify_max_age_s", 1, 31_536_000, p)
-            .unwrap_or(3_600),
-        drain_timeout_ms: c
-            .integer("drain_timeout_ms", 10, 600_000, p)
-            .unwrap_or(10_000),
-        carry_triggers: string_list(&mut c, "carry_triggers", p),
-        reverse_window_s: c
-            .integer("reverse_window_s", 0, 31_536_000, p)
-            .unwrap_or(86_400),
-    };
-    c.finish(p);
-    source.map(|_| cutover)
-}
-
-fn backfill_field(top: &mut Fields, p: &mut Problems) -> Backfill {
-    let mut b = Fields::new("backfill", top.get("backfill"), p);
-    let chunk_rows = b.integer("chunk_rows", 1, 1_000_000, p).unwrap_or(5_000) as u32;
-    let target_chunk_ms = b.integer("target_chunk_ms", 10, 600_000, p);
-    let rate = b
-        .integer("rate_limit_rows_per_s", 1, 100_000_000, p)
-        .map(|n| n as u32);
-    let workers = b.integer("workers", 1, 64, p).unwrap_or(1) as u32;
-    b.finish(p);
-    Backfill {
-        chunk_rows,
-        target_chunk_ms,
-        rate_limit_rows_per_s: rate,
-        workers,
-    }
-}
-
-fn throttle_field(top: &mut Fields, p: &mut Problems) -> Throttle {
-    let mut t = Fields::new("throttle", top.get("throttle"), p);
-    let throttle = Throttle {
-        max_slot_lag_bytes: t.bytes("max_slot_lag_bytes", p),
-        max_retained_wal_bytes: t.bytes("max_retained_wal_bytes", p),
-        max_replica_lag_ms: t.integer("max_replica_lag_ms", 1, 86_400_000, p),
-        query: t.string("query", p),
-        check_interval_ms: t
-            .integer("check_interval_ms", 10, 60_000, p)
-            .unwrap_or(1_000),
-    };
-    t.finish(p);
-    throttle
-}
-
-fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
-    let mut t = Fields::new("transport", top.get("transport"), p);
-    let kind = t.string("kind", p).unwrap_or_else(|| "direct".into());
-    let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
-    let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
-    let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
-    // Default: half the cores (1 to 4), leaving CPU for the walsender and the
-    // database, which on one small machine compete with the appliers.
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let apply_workers = t
-        .integer("apply_workers", 1, 16, p)
-        .map(|n| n as usize)
-        .unwrap_or((cores / 2).clamp(1, 4));
-    if kind != "direct" {
-        p.push(
-            "transport.kind",
-            format!("{kind:?} is not supported (supported: direct)"),
-        );
-    }
-    t.finish(p);
-    Transport::Direct {
-        batch_events,
-        queue_batches,
-        linger_ms,
-        apply_workers,
-    }
 }
 
 #[cfg(test)]

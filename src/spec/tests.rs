@@ -132,3 +132,33 @@ fn error_display_names_file_field_and_reason() {
         "{text}"
     );
 }
+
+#[test]
+fn cutover_and_verify_sections_have_defaults_and_checks() {
+    let p = parse(Path::new("p.yaml"), GOOD).unwrap();
+    assert_eq!(p.cutover.old_table.to_string(), "public.orders_old");
+    assert_eq!(p.cutover.lock_timeout_ms, 200);
+    assert_eq!(p.verify.chunk_rows, 10_000);
+    assert!(p.inverse.is_empty());
+    assert_eq!(p.reverse_slot_name(), "rowshift_orders_v2_rev");
+
+    let text = GOOD.replace(
+        "  drop: [legacy]\n",
+        "  drop: [legacy]\n  inverse:\n    amount: \"cents / 100.0\"\n    bad: 3\n",
+    ) + "verify: { chunk_rows: 5, colour: red }\n"
+        + "cutover: { old_table: other.orders_old, lock_attempts: 0, carry_triggers: [audit] }\n";
+    let found = problems(&text);
+    let fields: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+    for expected in [
+        "mapping.inverse.bad",
+        "verify.chunk_rows",
+        "verify.colour",
+        "cutover.old_table",
+        "cutover.lock_attempts",
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "missing {expected} in {found:#?}"
+        );
+    }
+}

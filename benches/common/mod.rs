@@ -1,0 +1,133 @@
+//! Helpers shared by the benchmark harnesses: throwaway clusters, child
+//! processes killed on drop, pgbench, and the results table.
+
+#![allow(dead_code)]
+
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use tokio_postgres::{Client, NoTls};
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub fn start(dir: PathBuf, port: u16) -> Result<Cluster> {
+        let status = Command::new("scripts/pg.sh")
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .arg("logical")
+            .status()?;
+        if !status.success() {
+            bail!("could not start PostgreSQL in {}", dir.display());
+        }
+        Ok(Cluster { dir, port })
+    }
+    pub fn dsn(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/pg.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+pub async fn connect(dsn: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process killed when dropped, so a failing bench leaves none behind.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Proc> {
+    let log = std::fs::File::create(log)?;
+    Ok(Command::new(env!("CARGO_BIN_EXE_rowshift"))
+        .args(args)
+        .env("ROWSHIFT_SOURCE_DSN", dsn)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map(Proc)?)
+}
+
+pub fn pgbench(port: u16, args: &[&str]) -> Result<Proc> {
+    Ok(Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "bench",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Proc)?)
+}
+
+pub struct Results {
+    pub rows: Vec<(String, String, String, String)>,
+}
+
+impl Results {
+    pub fn add(&mut self, what: &str, target: &str, reference: String, ours: String) {
+        println!("{what}: rowshift {ours}; reference {reference} (target {target})");
+        self.rows
+            .push((what.into(), target.into(), reference, ours));
+    }
+}
+
+/// Prints the results as a Markdown table (for docs/benchmarks.md).
+pub fn print_table(results: &Results) {
+    println!("\n| measure | target | reference | rowshift |\n|---|---|---|---|");
+    for (what, target, reference, ours) in &results.rows {
+        println!("| {what} | {target} | {reference} | {ours} |");
+    }
+}
