@@ -13,10 +13,12 @@
 //! the two. To tell them apart, a differing chunk is read again once the
 //! stream has applied past the WAL position of the previous read (so every
 //! change the source side saw is then in the target), up to `rechecks`
-//! times; only a chunk that differs every time is reported. A target that
-//! is simply behind never produces a mismatch this way, and a hot chunk needs
-//! a change inside every one of several lag windows (milliseconds each) to
-//! be rechecked to the end.
+//! times. A chunk that still differs (a hot one: the newest keys of a table
+//! under insert load change in every window) is then compared row by row:
+//! the keys whose rows differ are read again after the stream passed each
+//! read, and only keys that differed in *every* read count. A row that was
+//! merely behind is current in the next read; a wrong row differs in all of
+//! them. So lag is never reported as a mismatch.
 //!
 //! # Repair
 //!

@@ -30,6 +30,9 @@ async fn create_orders(c: &Client, role: &str) {
          INSERT INTO order_lines (order_id) SELECT g FROM generate_series(1, 200) g;
          DO $$ BEGIN CREATE ROLE {role}; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
          GRANT SELECT ON orders TO {role};
+         CREATE FUNCTION orders_abs() RETURNS trigger LANGUAGE plpgsql AS
+           'BEGIN NEW.customer_id := abs(NEW.customer_id); RETURN NEW; END';
+         CREATE TRIGGER orders_abs BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION orders_abs();
          ANALYZE orders;"
     ))
     .await
@@ -224,7 +227,10 @@ async fn cutover_rollback_and_contract_under_load() {
     let name = format!("co_{}", db.tag);
     let file = db.pipeline(
         "orders.yaml",
-        &orders_pipeline(&name, "cutover: { lock_timeout_ms: 1000 }"),
+        &orders_pipeline(
+            &name,
+            "cutover: { lock_timeout_ms: 1000, carry_triggers: [orders_abs] }",
+        ),
     );
     let file_s = file.to_str().expect("path");
     let plan = ok(&db.rowshift(&["plan", file_s]), "plan");
@@ -314,6 +320,24 @@ async fn cutover_rollback_and_contract_under_load() {
         .expect("grant")
         .get(0);
     assert!(granted, "the grant must follow the name");
+    let trigger: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND tgname = 'orders_abs'",
+            &[],
+        )
+        .await
+        .expect("trigger")
+        .get(0);
+    assert_eq!(trigger, 1, "the carried trigger must be on the live table");
+    let abs: i64 = c
+        .query_one(
+            "INSERT INTO orders (customer_id) VALUES (-5) RETURNING customer_id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    assert_eq!(abs, 5, "the carried trigger fires on the new table");
     let status = ok(&db.rowshift(&["status", &name]), "status");
     assert!(
         status.contains("last swap  cutover done: write pause"),
