@@ -39,25 +39,12 @@ const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, 
 const MAPPED: &str = "SELECT id, customer_id, round(amount * 100)::bigint, status, note, round(amount * 1.2, 2), created_at FROM orders";
 
 fn pipeline(apply_workers: usize) -> String {
-    format!(
-        r#"name: bench_orders
-source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
-target:
-  table: public.orders_v2
-  ddl: "{TARGET_DDL}"
-mapping:
-  columns:
-    - id
-    - customer_id
-    - {{ target: amount_cents, expr: "round(amount * 100)::bigint" }}
-    - {{ target: state, from: status }}
-    - note
-    - {{ target: total_with_tax, expr: "round(amount * 1.2, 2)" }}
-    - created_at
-  drop: [legacy_flag]
-backfill: {{ chunk_rows: 20000, workers: 2 }}
-transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers} }}
-"#
+    orders_pipeline(
+        "bench_orders",
+        TARGET_DDL,
+        &format!(
+            "transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers} }}"
+        ),
     )
 }
 

@@ -37,28 +37,13 @@ const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, 
     total_with_tax numeric(14,2) NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now())";
 
 fn pipeline(verify_workers: u32) -> String {
-    format!(
-        r#"name: bench_cutover
-source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
-target:
-  table: public.orders_v2
-  ddl: "{TARGET_DDL}"
-mapping:
-  columns:
-    - id
-    - customer_id
-    - {{ target: amount_cents, expr: "round(amount * 100)::bigint" }}
-    - {{ target: state, from: status }}
-    - note
-    - {{ target: total_with_tax, expr: "round(amount * 1.2, 2)" }}
-    - created_at
-  drop: [legacy_flag]
-  inverse:
-    amount: "amount_cents / 100.0"
-backfill: {{ chunk_rows: 20000, workers: 2 }}
-verify: {{ chunk_rows: 10000, workers: {verify_workers} }}
-cutover: {{ lock_timeout_ms: 500, max_lag_ms: 2000 }}
-"#
+    orders_pipeline(
+        "bench_cutover",
+        TARGET_DDL,
+        &format!(
+            "verify: {{ chunk_rows: 10000, workers: {verify_workers} }}\n\
+             cutover: {{ lock_timeout_ms: 500, max_lag_ms: 2000 }}"
+        ),
     )
 }
 

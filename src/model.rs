@@ -81,6 +81,17 @@ impl Row {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(pub Vec<Value>);
 
+impl Key {
+    /// The text parameters of a key range: `lo`'s columns, then `hi`'s.
+    pub fn range_params(lo: Option<&Key>, hi: Option<&Key>) -> Vec<Option<String>> {
+        [lo, hi]
+            .into_iter()
+            .flatten()
+            .flat_map(|k| k.0.iter().cloned())
+            .collect()
+    }
+}
+
 /// The source columns a stream delivers, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relation {

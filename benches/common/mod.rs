@@ -131,3 +131,31 @@ pub fn print_table(results: &Results) {
         println!("| {what} | {target} | {reference} | {ours} |");
     }
 }
+
+/// The benchmarks' pipeline over `orders`: the demo's mapping (numeric to
+/// cents, a rename, a dropped column, a computed column) with its inverse;
+/// `extra` adds top-level sections.
+pub fn orders_pipeline(name: &str, target_ddl: &str, extra: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
+target:
+  table: public.orders_v2
+  ddl: "{target_ddl}"
+mapping:
+  columns:
+    - id
+    - customer_id
+    - {{ target: amount_cents, expr: "round(amount * 100)::bigint" }}
+    - {{ target: state, from: status }}
+    - note
+    - {{ target: total_with_tax, expr: "round(amount * 1.2, 2)" }}
+    - created_at
+  drop: [legacy_flag]
+  inverse:
+    amount: "amount_cents / 100.0"
+backfill: {{ chunk_rows: 20000, workers: 2 }}
+{extra}
+"#
+    )
+}

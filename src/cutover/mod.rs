@@ -309,10 +309,10 @@ async fn attempt_swap(
             ))
             .await;
         if let Err(e) = locked {
-            if e.code() != Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                return Err(Error::db("lock the live table")(e));
-            }
-            note_blockers(
+            drop(tx);
+            lock_timed_out(
+                e,
+                "lock the live table",
                 control,
                 p,
                 id,
@@ -322,8 +322,6 @@ async fn attempt_swap(
                 &mut blockers_seen,
             )
             .await?;
-            drop(tx);
-            tokio::time::sleep(backoff(attempt, p.cutover.backoff_max_ms)).await;
             continue;
         }
         let locked_at = Instant::now();
@@ -364,10 +362,10 @@ async fn attempt_swap(
             ))
             .await;
         if let Err(e) = upgraded {
-            if e.code() != Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                return Err(Error::db("lock both tables for the swap")(e));
-            }
-            note_blockers(
+            drop(tx);
+            lock_timed_out(
+                e,
+                "lock both tables for the swap",
                 control,
                 p,
                 id,
@@ -377,8 +375,6 @@ async fn attempt_swap(
                 &mut blockers_seen,
             )
             .await?;
-            drop(tx);
-            tokio::time::sleep(backoff(attempt, p.cutover.backoff_max_ms)).await;
             continue;
         }
         let plan = swap::build(&tx, &names, &column_pairs, &p.cutover.carry_triggers).await?;
@@ -524,9 +520,13 @@ pub async fn validate_pending(control: &Client, name: &str) -> Result<Vec<String
     Ok(notes)
 }
 
-/// Records who held the table when an attempt timed out; fails once the
-/// attempts are used up.
-async fn note_blockers(
+/// After a failed lock statement: anything but a lock timeout fails the
+/// swap; a timeout records who held the table, fails once the attempts are
+/// used up, and otherwise waits the backoff before the next attempt.
+#[allow(clippy::too_many_arguments)]
+async fn lock_timed_out(
+    e: tokio_postgres::Error,
+    what: &'static str,
     control: &Client,
     p: &Pipeline,
     id: i64,
@@ -535,6 +535,9 @@ async fn note_blockers(
     lock_pid: i32,
     seen: &mut Vec<String>,
 ) -> Result<()> {
+    if e.code() != Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        return Err(Error::db(what)(e));
+    }
     let blockers = lock_holders(control, table, lock_pid).await?;
     tracing::warn!(pipeline = %p.name, attempt, blockers = %blockers.join("; "), "lock not granted within lock_timeout");
     for b in blockers {
@@ -560,6 +563,7 @@ async fn note_blockers(
             }
         )));
     }
+    tokio::time::sleep(backoff(attempt, p.cutover.backoff_max_ms)).await;
     Ok(())
 }
 

@@ -189,11 +189,17 @@ impl Checker {
         Ok(s)
     }
 
-    async fn read(&mut self, range: KeyRange) -> Result<Reading> {
+    /// Runs statement kinds `src` and `tgt` over `range` in one snapshot;
+    /// returns both results and the WAL position of the snapshot.
+    async fn both_sides(
+        &mut self,
+        (src, tgt): (u8, u8),
+        range: &KeyRange,
+    ) -> Result<(Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>, Lsn)> {
         let (lo, hi) = range.keys();
-        let src = self.statement(0, lo.is_some(), hi.is_some()).await?;
-        let tgt = self.statement(1, lo.is_some(), hi.is_some()).await?;
-        let params = bound_params(&lo, &hi);
+        let src = self.statement(src, lo.is_some(), hi.is_some()).await?;
+        let tgt = self.statement(tgt, lo.is_some(), hi.is_some()).await?;
+        let params = Key::range_params(lo.as_ref(), hi.as_ref());
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p as _).collect();
         let tx = self
@@ -203,88 +209,62 @@ impl Checker {
             .read_only(true)
             .start()
             .await
-            .map_err(Error::db("begin checksum snapshot"))?;
+            .map_err(Error::db("begin verification snapshot"))?;
         let wal: String = tx
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
             .map_err(Error::db("read WAL position"))?
             .get(0);
         let s = tx
-            .query_one(&src, &refs)
+            .query(&src, &refs)
             .await
-            .map_err(Error::db("checksum source chunk"))?;
+            .map_err(Error::db("read source chunk"))?;
         let t = tx
-            .query_one(&tgt, &refs)
+            .query(&tgt, &refs)
             .await
-            .map_err(Error::db("checksum target chunk"))?;
+            .map_err(Error::db("read target chunk"))?;
         tx.commit()
             .await
-            .map_err(Error::db("end checksum snapshot"))?;
+            .map_err(Error::db("end verification snapshot"))?;
+        Ok((s, t, Lsn::parse(&wal).unwrap_or(Lsn::ZERO)))
+    }
+
+    /// Count and checksum of the chunk on both sides.
+    async fn read(&mut self, range: KeyRange) -> Result<Reading> {
+        let (s, t, wal) = self.both_sides((0, 1), &range).await?;
+        let pair = |rows: &[tokio_postgres::Row]| -> Result<(i64, i64)> {
+            let r = rows
+                .first()
+                .ok_or_else(|| Error::State("a checksum query returned no row".into()))?;
+            Ok((r.get(0), r.get(1)))
+        };
         Ok(Reading {
+            source: pair(&s)?,
+            target: pair(&t)?,
             range,
-            source: (s.get(0), s.get(1)),
-            target: (t.get(0), t.get(1)),
-            wal: Lsn::parse(&wal).unwrap_or(Lsn::ZERO),
+            wal,
         })
     }
-}
 
-impl Checker {
     /// The keys whose rows differ between the sides, in one snapshot, and
     /// the WAL position of that snapshot.
     async fn differing_keys(
         &mut self,
         range: &KeyRange,
     ) -> Result<(HashSet<Vec<Option<String>>>, Lsn)> {
-        let (lo, hi) = range.keys();
-        let src = self.statement(2, lo.is_some(), hi.is_some()).await?;
-        let tgt = self.statement(3, lo.is_some(), hi.is_some()).await?;
-        let params = bound_params(&lo, &hi);
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as _).collect();
-        let tx = self
-            .client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(Error::db("begin row snapshot"))?;
-        let wal: String = tx
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(Error::db("read WAL position"))?
-            .get(0);
+        let (s, t, wal) = self.both_sides((2, 3), range).await?;
         let hashes = |rows: Vec<tokio_postgres::Row>| -> RowHashes {
             rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         };
-        let s = hashes(
-            tx.query(&src, &refs)
-                .await
-                .map_err(Error::db("hash source rows"))?,
-        );
-        let t = hashes(
-            tx.query(&tgt, &refs)
-                .await
-                .map_err(Error::db("hash target rows"))?,
-        );
-        tx.commit().await.map_err(Error::db("end row snapshot"))?;
+        let (s, t) = (hashes(s), hashes(t));
         let mut keys: HashSet<Vec<Option<String>>> = s
             .iter()
             .filter(|(k, h)| t.get(*k) != Some(*h))
             .map(|(k, _)| k.clone())
             .collect();
         keys.extend(t.keys().filter(|k| !s.contains_key(*k)).cloned());
-        Ok((keys, Lsn::parse(&wal).unwrap_or(Lsn::ZERO)))
+        Ok((keys, wal))
     }
-}
-
-fn bound_params(lo: &Option<Key>, hi: &Option<Key>) -> Vec<Option<String>> {
-    [lo, hi]
-        .into_iter()
-        .flatten()
-        .flat_map(|k| k.0.iter().cloned())
-        .collect()
 }
 
 /// A chunk that kept differing while it was busy: compare it row by row,

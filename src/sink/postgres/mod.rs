@@ -324,10 +324,7 @@ impl PgSink {
         let stmt = self
             .statement(Kind::CopyRange(lo.is_some(), hi.is_some()))
             .await?;
-        let mut params: Vec<Option<String>> = Vec::new();
-        for k in [lo, hi].into_iter().flatten() {
-            params.extend(k.0.iter().cloned());
-        }
+        let params = Key::range_params(lo, hi);
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p as _).collect();
@@ -366,10 +363,7 @@ impl PgSink {
             .statement(Kind::RepairUpsert(bounds.0, bounds.1))
             .await?;
         let ckpt = self.checkpoint_statement(checkpoint).await?;
-        let mut params: Vec<Option<String>> = Vec::new();
-        for k in [lo, hi].into_iter().flatten() {
-            params.extend(k.0.iter().cloned());
-        }
+        let params = Key::range_params(lo, hi);
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p as _).collect();
         let tx = self
