@@ -16,6 +16,8 @@ case "${1:-}" in
     [ -x "$PGBIN/initdb" ] || need+=(postgresql)
     dpkg -s libpq-dev >/dev/null 2>&1 || need+=(libpq-dev)
     dpkg -s pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+    # pg_query (PostgreSQL's own parser, for `migrate lint`) generates its bindings with libclang.
+    dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
     command -v cc >/dev/null 2>&1 || need+=(build-essential)
     if [ ${#need[@]} -gt 0 ]; then
       export DEBIAN_FRONTEND=noninteractive

@@ -10,6 +10,7 @@ pub mod backfill;
 pub mod cutover;
 pub mod error;
 pub mod failpoint;
+pub mod migrate;
 pub mod model;
 pub mod plan;
 pub mod preflight;

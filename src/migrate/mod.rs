@@ -1,0 +1,5 @@
+//! Versioned migrations (see the submodules).
+
+pub mod files;
+pub mod graph;
+pub mod lint;
