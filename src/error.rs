@@ -30,6 +30,9 @@ pub enum Error {
     /// The run was stopped on purpose (abort, signal).
     #[error("stopped: {0}")]
     Stopped(String),
+    /// A versioned migration was refused or failed.
+    #[error("migrate: {0}")]
+    Migrate(String),
 }
 
 /// PostgreSQL's own message (and detail) rather than tokio-postgres' "db error".
@@ -97,6 +100,7 @@ impl Error {
             Error::Replication(_) => "the replication connection failed; `rowshift run` resumes from the slot's confirmed position",
             Error::State(_) => "see `rowshift status` for the pipeline's phase and owner",
             Error::Stopped(_) => "run `rowshift run` again to resume, or `rowshift abort` to remove everything",
+            Error::Migrate(_) => "see `rowshift migrate validate` and `rowshift migrate history`",
         }
     }
 }

@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rowshift::runtime::{self, control, RunOptions};
 use rowshift::state::Desired;
 use rowshift::{cutover, spec, Error};
+
+mod migrate_cmd;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,56 @@ enum LogFormat {
 enum Output {
     Text,
     Json,
+    Csv,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum MigrateAction {
+    Status,
+    Up,
+    Undo,
+    Validate,
+    Repair,
+    Baseline,
+    History,
+    Lint,
+    Approve,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The migrations folder: one subfolder per service.
+    #[arg(long, default_value = "migrations")]
+    dir: PathBuf,
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// The environment (selects environment-specific migrations and the approval policy).
+    #[arg(long)]
+    env: Option<String>,
+    /// Up to (up), down to (undo) or at (baseline) this version.
+    #[arg(long)]
+    target: Option<String>,
+    /// Show what would run; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Schema of the history tables.
+    #[arg(long, default_value = "public")]
+    schema: String,
+    /// Policy and hooks (default: config/migrate.yaml when present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Affirms that a maintenance window is open.
+    #[arg(long)]
+    maintenance_window: bool,
+    /// Who approves (approve) or runs (default $USER).
+    #[arg(long)]
+    by: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Environment variable holding the database DSN.
+    #[arg(long, default_value = "ROWSHIFT_SOURCE_DSN")]
+    dsn_env: String,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +152,14 @@ enum Command {
         output: Output,
         #[command(flatten)]
         dsn: DsnArg,
+    },
+    /// Versioned SQL migrations: status, up, undo, validate, repair, baseline, history, lint, approve.
+    Migrate {
+        action: MigrateAction,
+        /// The version (approve).
+        version: Option<String>,
+        #[command(flatten)]
+        args: MigrateArgs,
     },
     /// After a cut-over: drop the old table, the slots and the publications.
     Contract {
@@ -273,6 +333,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let p = pipeline(&name, &dsn).await?;
             let outcome = cutover::switch(&p, cutover::Kind::Rollback).await?;
             print_outcome(&p, "rolled back", &outcome, output)?;
+        }
+        Command::Migrate {
+            action,
+            version,
+            args,
+        } => {
+            if !migrate_cmd::run(action, version, &args).await? {
+                std::process::exit(1);
+            }
         }
         Command::Contract { name, confirm, dsn } => {
             let p = pipeline(&name, &dsn).await?;

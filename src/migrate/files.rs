@@ -172,7 +172,10 @@ pub fn load(dir: &Path, only: Option<&str>) -> std::io::Result<Catalog> {
         .collect();
     entries.sort();
     for service_dir in entries {
-        let Some(service) = service_dir.file_name().and_then(|n| n.to_str()).map(String::from)
+        let Some(service) = service_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(String::from)
         else {
             continue;
         };

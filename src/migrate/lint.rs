@@ -6,9 +6,7 @@
 //! `-- lint:allow index-not-concurrent the table is created empty above`.
 //! A suppression without a reason is itself a finding.
 
-use pg_query::protobuf::{
-    AlterTableType, ConstrType, DropBehavior, ObjectType, RangeVar,
-};
+use pg_query::protobuf::{AlterTableType, ConstrType, DropBehavior, ObjectType, RangeVar};
 use pg_query::NodeEnum;
 use serde::Serialize;
 use std::collections::HashSet;
@@ -155,7 +153,10 @@ pub fn lint(file: &str, sql: &str) -> Vec<Finding> {
         let mut found: Vec<(&'static str, String)> = Vec::new();
         if non_transactional(node) {
             non_tx_lines.push(s.line);
-        } else if !matches!(node, NodeEnum::VariableSetStmt(_) | NodeEnum::TransactionStmt(_)) {
+        } else if !matches!(
+            node,
+            NodeEnum::VariableSetStmt(_) | NodeEnum::TransactionStmt(_)
+        ) {
             tx_lines.push(s.line);
         }
         check(node, &created, &mut found);
@@ -165,7 +166,10 @@ pub fn lint(file: &str, sql: &str) -> Vec<Finding> {
             }
         }
         if takes_strong_lock(node, &created) && !lock_timeout_set {
-            found.push(("no-lock-timeout", "locking DDL runs without a lock_timeout set earlier in the file".into()));
+            found.push((
+                "no-lock-timeout",
+                "locking DDL runs without a lock_timeout set earlier in the file".into(),
+            ));
         }
         if let NodeEnum::CreateStmt(c) = node {
             if let Some(r) = &c.relation {
@@ -176,7 +180,11 @@ pub fn lint(file: &str, sql: &str) -> Vec<Finding> {
             match suppression(&s.leading_comments, id) {
                 Some(true) => {}
                 Some(false) => {
-                    out.push(finding("suppression-without-reason", s.line, format!("the suppression of {id} gives no reason")));
+                    out.push(finding(
+                        "suppression-without-reason",
+                        s.line,
+                        format!("the suppression of {id} gives no reason"),
+                    ));
                 }
                 None => out.push(finding(id, s.line, message)),
             }
@@ -198,7 +206,11 @@ pub fn lint(file: &str, sql: &str) -> Vec<Finding> {
 /// `Some(true)`: suppressed with a reason; `Some(false)`: without one.
 fn suppression(comments: &[&str], id: &str) -> Option<bool> {
     comments.iter().find_map(|c| {
-        let rest = c.trim_start_matches('-').trim().strip_prefix("lint:allow")?.trim();
+        let rest = c
+            .trim_start_matches('-')
+            .trim()
+            .strip_prefix("lint:allow")?
+            .trim();
         let (rule, reason) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
         (rule == id).then(|| !reason.trim().is_empty())
     })
@@ -215,7 +227,10 @@ fn table_name(r: &RangeVar) -> String {
 fn unqualified(r: &Option<RangeVar>, found: &mut Vec<(&'static str, String)>) {
     if let Some(r) = r {
         if r.schemaname.is_empty() {
-            found.push(("unqualified-name", format!("table {} is not schema-qualified", r.relname)));
+            found.push((
+                "unqualified-name",
+                format!("table {} is not schema-qualified", r.relname),
+            ));
         }
     }
 }
@@ -238,7 +253,10 @@ fn check(node: &NodeEnum, created: &HashSet<String>, found: &mut Vec<(&'static s
         NodeEnum::IndexStmt(i) => {
             if !i.concurrent && existing(&i.relation) {
                 let t = i.relation.as_ref().map(table_name).unwrap_or_default();
-                found.push(("index-not-concurrent", format!("CREATE INDEX on existing table {t} without CONCURRENTLY")));
+                found.push((
+                    "index-not-concurrent",
+                    format!("CREATE INDEX on existing table {t} without CONCURRENTLY"),
+                ));
             }
             unqualified(&i.relation, found);
         }
@@ -247,7 +265,9 @@ fn check(node: &NodeEnum, created: &HashSet<String>, found: &mut Vec<(&'static s
             let t = a.relation.as_ref().map(table_name).unwrap_or_default();
             unqualified(&a.relation, found);
             for cmd in &a.cmds {
-                let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else { continue };
+                let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                    continue;
+                };
                 let def = cmd.def.as_deref().and_then(|d| d.node.as_ref());
                 match AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined) {
                     AlterTableType::AtAddColumn => {
@@ -302,34 +322,50 @@ fn check(node: &NodeEnum, created: &HashSet<String>, found: &mut Vec<(&'static s
             let kind = ObjectType::try_from(r.rename_type).unwrap_or(ObjectType::Undefined);
             if matches!(kind, ObjectType::ObjectTable | ObjectType::ObjectColumn) {
                 let t = r.relation.as_ref().map(table_name).unwrap_or_default();
-                found.push(("breaking-change", format!("RENAME on {t} ({} -> {})", if r.subname.is_empty() { &t } else { &r.subname }, r.newname)));
+                found.push((
+                    "breaking-change",
+                    format!(
+                        "RENAME on {t} ({} -> {})",
+                        if r.subname.is_empty() { &t } else { &r.subname },
+                        r.newname
+                    ),
+                ));
             }
             unqualified(&r.relation, found);
         }
-        NodeEnum::DeleteStmt(d) => {
-            if d.where_clause.is_none() {
-                let t = d.relation.as_ref().map(table_name).unwrap_or_default();
-                found.push(("unbounded-dml", format!("DELETE FROM {t} without WHERE")));
-            }
+        NodeEnum::DeleteStmt(d) if d.where_clause.is_none() => {
+            let t = d.relation.as_ref().map(table_name).unwrap_or_default();
+            found.push(("unbounded-dml", format!("DELETE FROM {t} without WHERE")));
         }
-        NodeEnum::UpdateStmt(u) => {
-            if u.where_clause.is_none() {
-                let t = u.relation.as_ref().map(table_name).unwrap_or_default();
-                found.push(("unbounded-dml", format!("UPDATE {t} without WHERE")));
-            }
+        NodeEnum::UpdateStmt(u) if u.where_clause.is_none() => {
+            let t = u.relation.as_ref().map(table_name).unwrap_or_default();
+            found.push(("unbounded-dml", format!("UPDATE {t} without WHERE")));
         }
         NodeEnum::VacuumStmt(v) => {
-            let full = v.options.iter().any(|o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "full"));
+            let full = v
+                .options
+                .iter()
+                .any(|o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "full"));
             if full {
-                found.push(("table-rewrite", "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock".into()));
+                found.push((
+                    "table-rewrite",
+                    "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock".into(),
+                ));
             }
         }
-        NodeEnum::ClusterStmt(_) => found.push(("table-rewrite", "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock".into())),
+        NodeEnum::ClusterStmt(_) => found.push((
+            "table-rewrite",
+            "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock".into(),
+        )),
         _ => {}
     }
 }
 
-fn add_column(table: &str, col: &pg_query::protobuf::ColumnDef, found: &mut Vec<(&'static str, String)>) {
+fn add_column(
+    table: &str,
+    col: &pg_query::protobuf::ColumnDef,
+    found: &mut Vec<(&'static str, String)>,
+) {
     let mut not_null = col.is_not_null;
     let mut default: Option<&NodeEnum> = col.raw_default.as_deref().and_then(|n| n.node.as_ref());
     for c in &col.constraints {
@@ -347,7 +383,10 @@ fn add_column(table: &str, col: &pg_query::protobuf::ColumnDef, found: &mut Vec<
     if volatile {
         found.push((
             "table-rewrite",
-            format!("ADD COLUMN {} with a volatile DEFAULT rewrites {table}", col.colname),
+            format!(
+                "ADD COLUMN {} with a volatile DEFAULT rewrites {table}",
+                col.colname
+            ),
         ));
     } else if not_null && default.is_none() {
         found.push((
@@ -360,14 +399,23 @@ fn add_column(table: &str, col: &pg_query::protobuf::ColumnDef, found: &mut Vec<
 /// Whether an expression calls a function whose value differs per row.
 fn calls_volatile(node: &NodeEnum) -> bool {
     const VOLATILE: &[&str] = &[
-        "random", "gen_random_uuid", "uuid_generate_v4", "uuid_generate_v1", "clock_timestamp",
-        "timeofday", "nextval", "txid_current", "statement_timestamp",
+        "random",
+        "gen_random_uuid",
+        "uuid_generate_v4",
+        "uuid_generate_v1",
+        "clock_timestamp",
+        "timeofday",
+        "nextval",
+        "txid_current",
+        "statement_timestamp",
     ];
-    node.nodes().iter().any(|(n, _, _, _)| match n {
+    node.nodes().iter().any(|(n, _, _, _)| {
+        match n {
         pg_query::NodeRef::FuncCall(f) => f.funcname.iter().any(|part| {
             matches!(&part.node, Some(NodeEnum::String(s)) if VOLATILE.contains(&s.sval.as_str()))
         }),
         _ => false,
+    }
     })
 }
 

@@ -3,5 +3,6 @@
 mod bad_input;
 mod consistency;
 mod cutover;
+mod migrate;
 mod support;
 mod workload;

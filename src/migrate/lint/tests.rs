@@ -58,25 +58,38 @@ fn each_rule_has_a_flagged_and_a_safe_fixture() {
     ];
     for (rule, bad, good) in cases {
         let flagged = rules(&format!("{PRE}{bad}"));
-        assert!(flagged.contains(rule), "{rule}: not flagged in {bad:?}: {flagged:?}");
+        assert!(
+            flagged.contains(rule),
+            "{rule}: not flagged in {bad:?}: {flagged:?}"
+        );
         let clean = rules(&format!("{PRE}{good}"));
-        assert!(!clean.contains(rule), "{rule}: flagged in the safe {good:?}: {clean:?}");
+        assert!(
+            !clean.contains(rule),
+            "{rule}: flagged in the safe {good:?}: {clean:?}"
+        );
     }
 }
 
 #[test]
 fn lock_timeout_mixed_transactional_and_parse_errors() {
     assert!(rules("ALTER TABLE public.orders ADD COLUMN r text;").contains(&"no-lock-timeout"));
-    assert!(!rules(&format!("{PRE}ALTER TABLE public.orders ADD COLUMN r text;")).contains(&"no-lock-timeout"));
+    assert!(!rules(&format!(
+        "{PRE}ALTER TABLE public.orders ADD COLUMN r text;"
+    ))
+    .contains(&"no-lock-timeout"));
     let mixed = format!("{PRE}CREATE INDEX CONCURRENTLY i ON public.orders (a);\nALTER TABLE public.orders ADD COLUMN r text;");
     assert!(rules(&mixed).contains(&"mixed-transactional"));
-    assert!(!rules("CREATE INDEX CONCURRENTLY i ON public.orders (a);").contains(&"mixed-transactional"));
+    assert!(!rules("CREATE INDEX CONCURRENTLY i ON public.orders (a);")
+        .contains(&"mixed-transactional"));
     assert_eq!(rules("ALTER TABLEE x;"), vec!["parse-error"]);
     // A table created in the same file is new: indexing it needs no CONCURRENTLY.
     let fresh = "CREATE TABLE public.t (id int);\nCREATE INDEX t_id ON public.t (id);";
     assert!(!rules(fresh).contains(&"index-not-concurrent"));
     // Volatile defaults rewrite the table.
-    assert!(rules(&format!("{PRE}ALTER TABLE public.orders ADD COLUMN u uuid DEFAULT gen_random_uuid();")).contains(&"table-rewrite"));
+    assert!(rules(&format!(
+        "{PRE}ALTER TABLE public.orders ADD COLUMN u uuid DEFAULT gen_random_uuid();"
+    ))
+    .contains(&"table-rewrite"));
 }
 
 #[test]
@@ -88,6 +101,9 @@ fn suppressions_need_a_reason_and_lines_are_right() {
     let found = lint("f.sql", &sql);
     let lines: Vec<(&str, usize)> = found.iter().map(|f| (f.rule, f.line)).collect();
     assert!(!lines.contains(&("unbounded-dml", 4)), "{lines:?}");
-    assert!(lines.contains(&("suppression-without-reason", 6)), "{lines:?}");
+    assert!(
+        lines.contains(&("suppression-without-reason", 6)),
+        "{lines:?}"
+    );
     assert!(lines.contains(&("unbounded-dml", 7)), "{lines:?}");
 }
