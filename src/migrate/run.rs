@@ -126,6 +126,26 @@ async fn up_locked(
             }
         }
     }
+    // Lint errors in what is about to run refuse the run (suppress a finding
+    // with `-- lint:allow <rule> <reason>` where it is intended).
+    let lint_errors: Vec<String> = plan
+        .iter()
+        .flat_map(|m| lint::lint(&m.path.display().to_string(), &m.sql))
+        .filter(|f| f.severity == lint::Severity::Error)
+        .map(|f| {
+            format!(
+                "{}:{}: [{}] {}; fix: {}",
+                f.file, f.line, f.rule, f.message, f.fix
+            )
+        })
+        .collect();
+    if !lint_errors.is_empty() {
+        return Err(Error::Migrate(format!(
+            "lint found {} error(s) in pending migrations; nothing was applied:\n  {}",
+            lint_errors.len(),
+            lint_errors.join("\n  ")
+        )));
+    }
     let config = policy::load(opts.config.as_deref())?;
     let mut refusals = Vec::new();
     for m in &plan {

@@ -171,6 +171,8 @@ async fn validate_reports_every_drift() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     // `up` refuses while there is drift, and changes nothing.
+    let drifted = migrate(&db, &dir, &["up", "--service", "shop"]);
+    assert!(!drifted.status.success());
     let up = migrate(&db, &dir, &["up"]);
     assert!(!up.status.success());
     assert!(out(&up).contains("nothing was applied"), "{}", out(&up));
@@ -339,6 +341,48 @@ async fn undo_environments_approvals_and_hooks() {
     assert_eq!(
         count(&c, "SELECT count(*) FROM pg_class WHERE relname = 'more'").await,
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_refuses_lint_errors_unless_suppressed_with_a_reason() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    let dir = migrations(&db);
+    write(
+        &dir,
+        "app/V1__t.sql",
+        "CREATE TABLE public.t (id int PRIMARY KEY, v int);\n",
+    );
+    write(&dir, "app/V2__wipe.sql", "DELETE FROM public.t;\n");
+    ok(&migrate(&db, &dir, &["up", "--target", "1"]), "up to 1");
+    let refused = migrate(&db, &dir, &["up"]);
+    assert!(!refused.status.success());
+    assert!(
+        out(&refused).contains("[unbounded-dml]"),
+        "{}",
+        out(&refused)
+    );
+    write(
+        &dir,
+        "app/V2__wipe.sql",
+        "-- lint:allow unbounded-dml the table only holds a cache\nDELETE FROM public.t;\n",
+    );
+    ok(
+        &migrate(&db, &dir, &["up"]),
+        "up with the finding suppressed",
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM public.app_schema_history").await,
+        2
+    );
+    let lint = migrate(&db, &dir, &["lint", "--output", "json"]);
+    let findings: serde_json::Value = serde_json::from_slice(&lint.stdout).expect("json");
+    assert!(
+        findings
+            .as_array()
+            .is_some_and(|f| f.iter().all(|x| x["rule"] != "unbounded-dml")),
+        "{findings}"
     );
 }
 
