@@ -251,8 +251,10 @@ async fn undo_environments_approvals_and_hooks() {
         "{}",
         out(&no_undo)
     );
-    // Without an environment the prod-only migration is skipped.
+    // Without an environment the prod-only migration is skipped; the undone
+    // version runs again (the round trip).
     ok(&migrate(&db, &dir, &["up"]), "up");
+    assert_eq!(count(&c, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.items'::regclass AND attname = 'price'").await, 1);
     assert_eq!(
         count(
             &c,
