@@ -18,6 +18,10 @@ case "${1:-}" in
     dpkg -s pkg-config >/dev/null 2>&1 || need+=(pkg-config)
     # pg_query (PostgreSQL's own parser, for `migrate lint`) generates its bindings with libclang.
     dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+    # rdkafka builds its own librdkafka (cmake-build): Debian's is too old.
+    command -v cmake >/dev/null 2>&1 || need+=(cmake)
+    dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || need+=(libcurl4-openssl-dev)
+    dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
     command -v cc >/dev/null 2>&1 || need+=(build-essential)
     if [ ${#need[@]} -gt 0 ]; then
       export DEBIAN_FRONTEND=noninteractive

@@ -13,3 +13,4 @@
 //! [`AckFn`]: crate::source::postgres::replication::AckFn
 
 pub mod direct;
+pub mod kafka;

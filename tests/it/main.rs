@@ -3,6 +3,9 @@
 mod bad_input;
 mod consistency;
 mod cutover;
+mod kafka;
 mod migrate;
+#[path = "../support/registry.rs"]
+mod registry;
 mod support;
 mod workload;
