@@ -3,5 +3,6 @@
 
 pub mod avro;
 pub mod codec;
+pub mod decode;
 pub mod envelope;
 pub mod producer;
