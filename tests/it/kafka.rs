@@ -256,3 +256,127 @@ async fn an_added_column_is_a_backward_compatible_new_version() {
     };
     assert!(refused, "an incompatible change must be refused");
 }
+
+/// rowshift's consumer turns the records back into the events they were
+/// made from (per key, in order); committed offsets are not delivered to
+/// the group again, and a new group starts from the beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
+    use rowshift::transport::kafka::consumer::Consumer;
+    use rowshift::transport::kafka::decode::Layout;
+    use std::time::Duration;
+    let registry = Registry::start();
+    let cols = columns();
+    for (name, var) in BROKERS {
+        let brokers = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
+        let topic = format!("consume_{name}_{:08x}", rand::random::<u32>());
+        let table = TableName::parse("public.items").expect("name");
+        let schema = TableSchema::new(&topic, "p", "shop", &table, &cols, vec![0]).expect("schema");
+        let encoder = Encoder::new(&registry.url, &schema);
+        let producer = Producer::new(&brokers, &Vec::new()).expect("producer");
+        let sent = events();
+        for e in &sent {
+            for r in schema.records(e, false, 0).expect("records") {
+                let (k, v) = encoder.encode(&r).await.expect("encode");
+                producer
+                    .send(&topic, &k, v.as_deref())
+                    .await
+                    .expect("produce");
+            }
+        }
+        let layout = Layout {
+            columns: &schema.columns,
+            key: &schema.key,
+        };
+        let group = format!("g_{topic}");
+        let consumer =
+            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new()).expect("consumer");
+        let mut got = Vec::new();
+        let mut polls = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < 5 && std::time::Instant::now() < deadline {
+            let p = consumer
+                .poll(&layout, 100, Duration::from_secs(1))
+                .await
+                .expect("poll");
+            got.extend(p.events.iter().cloned());
+            polls.push(p);
+        }
+        // The key change is a delete of key 1 and a create of key 2.
+        let expected: Vec<Change> = vec![
+            sent[0].change.clone(),
+            sent[1].change.clone(),
+            Change::Delete {
+                key: Key(vec![Some("1".into())]),
+            },
+            match &sent[2].change {
+                Change::Update { new, .. } => Change::Insert { new: new.clone() },
+                other => other.clone(),
+            },
+            sent[3].change.clone(),
+        ];
+        let key_of = |c: &Change| match c {
+            Change::Insert { new } | Change::Update { new, .. } => new.cells[0].clone(),
+            Change::Delete { key } => Cell::Present(key.0[0].clone()),
+            Change::Truncate => Cell::Absent,
+        };
+        // Values come back in PostgreSQL's text format, not always spelled
+        // the same ("0.25" / "0.250000"): compare them as Avro values.
+        let canonical = |c: &Change| {
+            let e = ChangeEvent {
+                change: c.clone(),
+                commit_lsn: Lsn(0x1000),
+                commit_ts_us: 0,
+            };
+            schema.records(&e, false, 0).expect("re-encode")
+        };
+        for k in ["1", "2"] {
+            let want: Vec<_> = expected
+                .iter()
+                .filter(|c| key_of(c) == cell(k))
+                .map(canonical)
+                .collect();
+            let have: Vec<_> = got
+                .iter()
+                .map(|e| &e.change)
+                .filter(|c| key_of(c) == cell(k))
+                .map(canonical)
+                .collect();
+            assert_eq!(have, want, "{name}: key {k}");
+        }
+        for p in &polls {
+            consumer.commit(p).expect("commit");
+        }
+        drop(consumer);
+        let again =
+            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new()).expect("consumer");
+        let p = again
+            .poll(&layout, 100, Duration::from_secs(8))
+            .await
+            .expect("poll");
+        assert!(
+            p.events.is_empty(),
+            "{name}: committed records came back: {:?}",
+            p.events
+        );
+        let fresh = Consumer::new(
+            &brokers,
+            &format!("{group}_new"),
+            &topic,
+            &registry.url,
+            &Vec::new(),
+        )
+        .expect("consumer");
+        let mut n = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while n < 5 && std::time::Instant::now() < deadline {
+            n += fresh
+                .poll(&layout, 100, Duration::from_secs(1))
+                .await
+                .expect("poll")
+                .events
+                .len();
+        }
+        assert_eq!(n, 5, "{name}: a new group reads from the beginning");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod avro;
 pub mod codec;
+pub mod consumer;
 pub mod decode;
 pub mod envelope;
 pub mod producer;

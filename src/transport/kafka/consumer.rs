@@ -1,0 +1,115 @@
+//! The consuming side: a member of the pipeline's consumer group that turns
+//! records back into change events, in partition order, and commits a
+//! partition's offset only after the caller reports the events before it
+//! applied (invariant 3). Per key, order is the producer's order (one
+//! partition per key); across keys the sink needs none.
+
+use super::decode::Layout;
+use super::producer::Passthrough;
+use crate::error::{Error, Result};
+use crate::model::ChangeEvent;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Events read since the last commit, and the offsets to commit once they
+/// are applied.
+#[derive(Debug, Default)]
+pub struct Polled {
+    pub events: Vec<ChangeEvent>,
+    /// (topic, partition) → next offset to read.
+    pub next: BTreeMap<(String, i32), i64>,
+}
+
+pub struct Consumer {
+    inner: StreamConsumer,
+    decoder: AvroDecoder<'static>,
+}
+
+impl Consumer {
+    pub fn new(
+        brokers: &str,
+        group: &str,
+        topic: &str,
+        registry_url: &str,
+        passthrough: &Passthrough,
+    ) -> Result<Consumer> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("isolation.level", "read_committed");
+        for (k, v) in passthrough {
+            cfg.set(k, v);
+        }
+        let inner: StreamConsumer = cfg.create().map_err(|e| Error::Config {
+            reason: format!("kafka consumer: {e}"),
+        })?;
+        inner
+            .subscribe(&[topic])
+            .map_err(|e| Error::Replication(format!("subscribe to {topic}: {e}")))?;
+        Ok(Consumer {
+            inner,
+            decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
+        })
+    }
+
+    /// Waits for at least one record (or `wait`), then takes what else is
+    /// ready, up to `max` events.
+    pub async fn poll(&self, layout: &Layout<'_>, max: usize, wait: Duration) -> Result<Polled> {
+        let mut out = Polled::default();
+        let mut deadline = tokio::time::Instant::now() + wait;
+        let mut seen = 0usize;
+        while out.events.len() < max {
+            let msg = match tokio::time::timeout_at(deadline, self.inner.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(Error::Replication(format!("kafka consume: {e}"))),
+                Ok(Ok(m)) => m,
+            };
+            out.next
+                .insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+            seen += 1;
+            if seen == 1 {
+                // Something arrived: take what follows without waiting long.
+                deadline = tokio::time::Instant::now() + Duration::from_millis(5);
+            }
+            let Some(payload) = msg.payload() else {
+                continue;
+            }; // tombstone
+            let decoded = self
+                .decoder
+                .decode(Some(payload))
+                .await
+                .map_err(|e| Error::Replication(format!("decode record: {e}")))?;
+            if let Some(e) = layout
+                .event(&decoded.value)
+                .map_err(|e| Error::Replication(format!("record at {}: {e}", msg.offset())))?
+            {
+                out.events.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits the offsets of a poll whose events are applied.
+    pub fn commit(&self, polled: &Polled) -> Result<()> {
+        if polled.next.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in &polled.next {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| Error::Replication(format!("offsets: {e}")))?;
+        }
+        self.inner
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| Error::Replication(format!("commit offsets: {e}")))
+    }
+}
