@@ -120,16 +120,7 @@ async fn run(
     admin.batch_execute("CREATE DATABASE bench").await?;
     let src = connect(&source.dsn("bench")).await?;
     let dsn = source.dsn("bench");
-    println!("loading {ROWS} rows ...");
-    src.batch_execute(&format!(
-        "{ORDERS_DDL};
-         INSERT INTO orders (customer_id, amount, status, note, legacy_flag, created_at)
-         SELECT g % 10000, (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3],
-                rpad('order ' || g || ' ', 170, 'lorem ipsum dolor sit amet '), g % 2 = 0, now() - g * interval '1 second'
-         FROM generate_series(1, {ROWS}) g;"
-    ))
-    .await?;
-    src.batch_execute("VACUUM ANALYZE orders").await?;
+    load_orders(&src, ORDERS_DDL, ROWS).await?;
     // Autovacuum after the backlogs would steal CPU from whichever consumer runs first.
     src.batch_execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
         .await?;

@@ -75,16 +75,7 @@ async fn run(cluster: &Cluster, work: &Path, results: &mut Results) -> Result<()
     admin.batch_execute("CREATE DATABASE bench").await?;
     let dsn = cluster.dsn("bench");
     let src = connect(&dsn).await?;
-    println!("loading {ROWS} rows ...");
-    src.batch_execute(&format!(
-        "{ORDERS_DDL};
-         INSERT INTO orders (customer_id, amount, status, note, legacy_flag, created_at)
-         SELECT g % 10000, (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3],
-                rpad('order ' || g || ' ', 170, 'lorem ipsum dolor sit amet '), g % 2 = 0, now() - g * interval '1 second'
-         FROM generate_series(1, {ROWS}) g;"
-    ))
-    .await?;
-    src.batch_execute("VACUUM ANALYZE orders").await?;
+    load_orders(&src, ORDERS_DDL, ROWS).await?;
     for w in [1u32, 2] {
         std::fs::write(work.join(format!("verify-{w}.yaml")), pipeline(w))?;
     }

@@ -159,3 +159,19 @@ backfill: {{ chunk_rows: 20000, workers: 2 }}
 "#
     )
 }
+
+/// Creates `orders` with `ddl` and fills it with `rows` rows of about 240
+/// bytes (the benchmarks' table), then vacuums and analyzes it.
+pub async fn load_orders(src: &Client, ddl: &str, rows: i64) -> Result<()> {
+    println!("loading {rows} rows ...");
+    src.batch_execute(&format!(
+        "{ddl};
+         INSERT INTO orders (customer_id, amount, status, note, legacy_flag, created_at)
+         SELECT g % 10000, (g % 100000) / 100.0, (ARRAY['new','paid','shipped'])[1 + g % 3],
+                rpad('order ' || g || ' ', 170, 'lorem ipsum dolor sit amet '), g % 2 = 0, now() - g * interval '1 second'
+         FROM generate_series(1, {rows}) g;"
+    ))
+    .await?;
+    src.batch_execute("VACUUM ANALYZE orders").await?;
+    Ok(())
+}
