@@ -9,13 +9,26 @@ use crate::sink::postgres::sql::{range_conds, source_key_row, target_key_row, wh
 use crate::spec::{quote_ident, TableName};
 use crate::transform::Mapping;
 
-/// `count(*), bit_xor(hash)` of the mapped source rows with `lo < key <= hi`.
-pub fn source_checksum(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) -> String {
-    let values: Vec<String> = m
-        .target_columns
+/// The target-shaped values of a source row: each mapping expression cast
+/// to its target column's type.
+fn source_values(m: &Mapping) -> Vec<String> {
+    m.target_columns
         .iter()
         .map(|c| format!("CAST({} AS {})", c.expr, c.sql_type))
-        .collect();
+        .collect()
+}
+
+/// The mapped columns of a target row, in the same order.
+fn target_values(m: &Mapping) -> Vec<String> {
+    m.target_columns
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(&c.name)))
+        .collect()
+}
+
+/// `count(*), bit_xor(hash)` of the mapped source rows with `lo < key <= hi`.
+pub fn source_checksum(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) -> String {
+    let values = source_values(m);
     checksum(
         &values,
         source,
@@ -26,11 +39,7 @@ pub fn source_checksum(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bo
 
 /// `count(*), bit_xor(hash)` of the target rows with `lo < key <= hi`.
 pub fn target_checksum(m: &Mapping, target: &TableName, has_lo: bool, has_hi: bool) -> String {
-    let values: Vec<String> = m
-        .target_columns
-        .iter()
-        .map(|c| format!("t.{}", quote_ident(&c.name)))
-        .collect();
+    let values = target_values(m);
     checksum(
         &values,
         target,
@@ -41,11 +50,7 @@ pub fn target_checksum(m: &Mapping, target: &TableName, has_lo: bool, has_hi: bo
 
 /// Each mapped source row's key (as `text[]`) and hash, for the key-level recheck.
 pub fn source_rows(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) -> String {
-    let values: Vec<String> = m
-        .target_columns
-        .iter()
-        .map(|c| format!("CAST({} AS {})", c.expr, c.sql_type))
-        .collect();
+    let values = source_values(m);
     let key = format!("ARRAY[{}]", key_texts(&source_key_row(m)));
     rows(
         &key,
@@ -58,11 +63,7 @@ pub fn source_rows(m: &Mapping, source: &TableName, has_lo: bool, has_hi: bool) 
 
 /// Each target row's key (as `text[]`, source key order) and hash.
 pub fn target_rows(m: &Mapping, target: &TableName, has_lo: bool, has_hi: bool) -> String {
-    let values: Vec<String> = m
-        .target_columns
-        .iter()
-        .map(|c| format!("t.{}", quote_ident(&c.name)))
-        .collect();
+    let values = target_values(m);
     let key = format!("ARRAY[{}]", key_texts(&target_key_row(m)));
     rows(
         &key,
