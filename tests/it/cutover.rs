@@ -351,8 +351,8 @@ async fn cutover_rollback_and_contract_under_load() {
     // Writes on the new table, including the computed column, then rollback.
     c.batch_execute(
         "UPDATE orders SET amount_cents = amount_cents + 150 WHERE id % 7 = 0; \
-         INSERT INTO orders (customer_id, amount_cents, state) VALUES (1, 12345, 'paid'); \
-         DELETE FROM orders WHERE id % 11 = 0",
+         DELETE FROM orders WHERE id % 11 = 0; \
+         INSERT INTO orders (customer_id, amount_cents, state) VALUES (1, 12345, 'paid')",
     )
     .await
     .expect("writes on the new table");
@@ -381,6 +381,17 @@ async fn cutover_rollback_and_contract_under_load() {
     assert_eq!(
         cents, 1,
         "the row inserted on the new table is in the old one"
+    );
+    // The sequence belongs to the live table again, so dropping the new
+    // table (abort) could not take it along.
+    let owned: Option<String> = c
+        .query_one("SELECT pg_get_serial_sequence('orders', 'id')", &[])
+        .await
+        .expect("sequence")
+        .get(0);
+    assert!(
+        owned.is_some(),
+        "the sequence must be owned by the live table after rollback"
     );
 
     // Forward again: writes on the old table reach the new one; cut over
