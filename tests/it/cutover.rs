@@ -206,6 +206,26 @@ async fn live_shape(c: &Client) -> &'static str {
     }
 }
 
+/// Ends a test: the pipeline is contracted (when cut over) or aborted, so no
+/// slot is left on the shared test cluster, and nothing of rowshift remains.
+async fn finish(db: &TestDb, c: &Client, name: &str) {
+    let out = if live_shape(c).await == "new" {
+        db.rowshift(&["contract", name, "--confirm"])
+    } else {
+        db.rowshift(&["abort", name])
+    };
+    ok(&out, "clean up");
+    let slots: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "a replication slot was left behind");
+}
+
 fn ok(out: &std::process::Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -474,6 +494,7 @@ async fn verify_finds_and_repairs_corruption() {
     {
         panic!("the repaired target differs:\n{d}");
     }
+    finish(&db, &c, &name).await;
 }
 
 /// A long transaction holds the table: cut-over retries within its budget,
@@ -528,6 +549,7 @@ async fn lock_contention_gives_up_cleanly() {
         "cutover after the blocker left",
     );
     assert_eq!(live_shape(&c).await, "new");
+    finish(&db, &c, &name).await;
 }
 
 /// kill -9 of `rowshift cutover` at each step: exactly one table carries
@@ -637,6 +659,7 @@ async fn crash_at_each_cutover_step() {
     );
     ok(&db.rowshift(&["cutover", &name]), "the final cut-over");
     assert_eq!(live_shape(&c).await, "new");
+    finish(&db, &c, &name).await;
 }
 
 /// kill -9 of the runner while the reverse stream runs: the restarted
@@ -683,4 +706,5 @@ async fn runner_killed_during_the_reverse_stream_resumes_it() {
         down > 100,
         "the writes made while the runner was down must be in the old table"
     );
+    finish(&db, &c, &name).await;
 }
