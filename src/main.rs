@@ -2,12 +2,13 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use rowshift::runtime::{self, control, RunOptions};
+use rowshift::runtime::{self, control, kafka_apply, RunOptions};
 use rowshift::state::Desired;
 use rowshift::{cutover, spec, Error};
 
 mod migrate_cmd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -160,6 +161,13 @@ enum Command {
         version: Option<String>,
         #[command(flatten)]
         args: MigrateArgs,
+    },
+    /// Apply a kafka pipeline's topic as one more member of its consumer group.
+    Apply {
+        /// A pipeline name or file.
+        name: String,
+        #[command(flatten)]
+        dsn: DsnArg,
     },
     /// After a cut-over: drop the old table, the slots and the publications.
     Contract {
@@ -343,6 +351,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Apply { name, dsn } => {
+            let p = pipeline(&name, &dsn).await?;
+            apply(&p).await?;
+        }
         Command::Contract { name, confirm, dsn } => {
             let p = pipeline(&name, &dsn).await?;
             for line in cutover::contract(&p, confirm).await? {
@@ -424,6 +436,62 @@ async fn run(p: &spec::Pipeline, exit_when_caught_up: bool) -> anyhow::Result<()
                 record_failure(p, &e).await;
                 return Err(e.into());
             }
+        }
+    }
+}
+
+/// `rowshift apply`: a kafka applier until a stop signal, resuming after
+/// transient failures (the stored positions say where).
+async fn apply(p: &spec::Pipeline) -> anyhow::Result<()> {
+    if p.transport.kafka.is_none() {
+        anyhow::bail!(
+            "pipeline {} uses the direct transport: `rowshift run` applies it",
+            p.name
+        );
+    }
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        on_signal.cancel();
+    });
+    let dsn = p.source_dsn()?;
+    let mut attempt = 0u32;
+    loop {
+        let result = async {
+            let mut client = rowshift::source::postgres::connect(&dsn, "apply").await?;
+            let record = rowshift::state::load(&client, &p.name)
+                .await?
+                .ok_or_else(|| Error::Config {
+                    reason: format!("no pipeline named {}: start it with `rowshift run`", p.name),
+                })?;
+            if record.reverse() {
+                return Err(Error::State(format!(
+                    "pipeline {} is cut over: the forward stream is off, there is nothing to apply",
+                    p.name
+                )));
+            }
+            let checked = rowshift::preflight::check(&mut client, p, Some(&record)).await?;
+            let schema = kafka_apply::table_schema(p, &checked, &client).await?;
+            kafka_apply::run(p, &dsn, Arc::new(checked.mapping), &schema, cancel.clone()).await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(Error::Stopped(reason)) => {
+                tracing::info!(pipeline = %p.name, %reason, "applier stopped");
+                return Ok(());
+            }
+            Err(e)
+                if e.retry() == rowshift::error::Retry::Transient
+                    && attempt < 20
+                    && !cancel.is_cancelled() =>
+            {
+                attempt += 1;
+                tracing::warn!(pipeline = %p.name, error = %e, attempt, "transient failure; the applier resumes");
+                tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt.min(5)))).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }

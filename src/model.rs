@@ -142,6 +142,11 @@ pub struct Batch {
     pub heartbeat_us: Option<i64>,
     /// The columns of `Row`s in this batch (changes when the source relation changes).
     pub relation: Option<Arc<Relation>>,
+    /// Watermark messages of this pipeline, each with the number of events
+    /// of this batch that came before it.
+    pub watermarks: Vec<(usize, String)>,
+    /// Transaction ids of the transactions that committed in this batch.
+    pub xids: Vec<u32>,
 }
 
 impl Batch {
@@ -155,7 +160,12 @@ impl Batch {
 pub enum SourceMsg {
     Change(ChangeEvent),
     /// A transaction ended at this position.
-    Commit(Lsn),
+    Commit {
+        lsn: Lsn,
+        xid: u32,
+    },
+    /// A transactional watermark message of this pipeline (its content).
+    Watermark(String),
     /// A heartbeat written at `emitted_us` was passed at `lsn`.
     Heartbeat {
         lsn: Lsn,

@@ -9,6 +9,7 @@ use crate::source::postgres::introspect::{self, ServerInfo, TableInfo};
 use crate::spec::{quote_ident, Pipeline, Source};
 use crate::state::PipelineRecord;
 use crate::transform::{referenced_columns, Mapping};
+use crate::transport::kafka::envelope::{ColumnType, TableSchema};
 use tokio_postgres::{Client, GenericClient};
 
 /// What preflight found: the compiled mapping and notes for the operator.
@@ -144,12 +145,47 @@ pub async fn check(
     let mapping = mapping.ok_or_else(|| Error::Preflight {
         problems: vec!["mapping could not be compiled".into()],
     })?;
-    Ok(Checked {
+    let checked = Checked {
         notes: notes(&source),
         server,
         source,
         mapping,
-    })
+    };
+    if p.transport.kafka.is_some() {
+        kafka_schema(p, &checked, "").map_err(|problems| Error::Preflight { problems })?;
+    }
+    Ok(checked)
+}
+
+/// The Avro shape of the source table's change events on the kafka
+/// transport; every column whose type has no Avro mapping is a problem.
+pub fn kafka_schema(
+    p: &Pipeline,
+    checked: &Checked,
+    db: &str,
+) -> std::result::Result<TableSchema, Vec<String>> {
+    let m = &checked.mapping;
+    let columns: Vec<ColumnType<'_>> = m
+        .source_columns
+        .iter()
+        .map(|c| ColumnType {
+            name: &c.name,
+            sql_type: &c.sql_type,
+            is_enum: checked
+                .source
+                .columns
+                .iter()
+                .any(|s| s.column.name == c.name && s.typtype == "e"),
+        })
+        .collect();
+    TableSchema::new(
+        &p.kafka_topic(),
+        &p.name,
+        db,
+        &p.source_table,
+        &columns,
+        m.source_key.clone(),
+    )
 }
 
 async fn exists<C: GenericClient>(client: &C, sql: &str, name: &str) -> Result<bool> {

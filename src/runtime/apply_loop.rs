@@ -26,6 +26,11 @@ pub fn heartbeat_prefix(name: &str) -> String {
     format!("rowshift.heartbeat.{name}")
 }
 
+/// Prefix of the pipeline's watermark messages (kafka transport backfill).
+pub fn watermark_prefix(name: &str) -> String {
+    format!("rowshift.watermark.{name}")
+}
+
 /// One direction of streaming: which slot, which tables, which mapping.
 pub struct Stream {
     /// The reverse stream (new table → old table, after cut-over).
@@ -54,11 +59,12 @@ pub async fn run(
 ) -> Result<Exit> {
     let mapping = stream.mapping.clone();
     let direction = if stream.reverse { "reverse" } else { "forward" };
-    let Transport::Direct {
+    let Transport {
         batch_events,
         queue_batches,
         linger_ms,
         apply_workers,
+        ..
     } = p.transport;
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
@@ -78,6 +84,7 @@ pub async fn run(
         ),
         key_positions: mapping.source_key.clone(),
         heartbeat_prefix: heartbeat_prefix(&p.name),
+        watermark_prefix: watermark_prefix(&p.name),
     };
     // The queue holds at most `queue_batches` batches' worth of changes.
     let capacity = batch_events.saturating_mul(queue_batches).max(1);
@@ -199,42 +206,14 @@ pub async fn run(
             }
             if last_control.elapsed() >= Duration::from_millis(500) {
                 last_control = Instant::now();
-                let now = state::load(&control, &p.name).await?;
-                if let Some(r) = &now {
-                    if r.reverse() != stream.reverse || matches!(r.phase.as_str(), "contracting" | "contracted") {
-                        return Ok(Exit::Switched);
-                    }
-                }
-                let desired = now.map(|r| r.desired).unwrap_or(Desired::Abort);
                 if !stream.reverse {
                     run_repairs(p, dsn, &control, &mapping, epoch, &mut repair_sink).await?;
                 }
-                match desired {
-                    Desired::Abort => {
-                            return Err(Error::Stopped(format!(
-                            "pipeline {} is being aborted",
-                            p.name
-                        )));
-                    }
-                    Desired::Pause if !paused => {
-                        paused = true;
-                        tracing::info!(pipeline = %p.name, "paused: backfill stopped, stream keeps applying");
-                    }
-                    Desired::Run if paused => {
-                        paused = false;
-                        tracing::info!(pipeline = %p.name, "resumed");
-                    }
-                    _ => {}
+                let (exit, note) =
+                    control_tick(p, &control, stream.reverse, &mut paused, throttled.as_deref()).await?;
+                if let Some(exit) = exit {
+                    return Ok(exit);
                 }
-                let note = if paused {
-                    Some("paused by operator".to_string())
-                } else {
-                    throttled.clone()
-                };
-                control
-                    .execute("UPDATE rowshift.pipelines SET runner_seen_at = now(), throttled = $2 WHERE name = $1", &[&p.name, &note])
-                    .await
-                    .map_err(Error::db("report liveness"))?;
                 progress.draw(note.as_deref());
             }
         }
@@ -248,6 +227,55 @@ pub async fn run(
         tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
     }
     result
+}
+
+/// The twice-a-second look at the operator's wishes: a direction switch or
+/// the end of the pipeline stops the stream; abort stops the process;
+/// pause/resume toggle `paused`. Reports liveness and returns the note to
+/// show (paused, or why the backfill is throttled).
+pub(super) async fn control_tick(
+    p: &Pipeline,
+    control: &Client,
+    reverse: bool,
+    paused: &mut bool,
+    throttled: Option<&str>,
+) -> Result<(Option<Exit>, Option<String>)> {
+    let now = state::load(control, &p.name).await?;
+    if let Some(r) = &now {
+        if r.reverse() != reverse || matches!(r.phase.as_str(), "contracting" | "contracted") {
+            return Ok((Some(Exit::Switched), None));
+        }
+    }
+    match now.map(|r| r.desired).unwrap_or(Desired::Abort) {
+        Desired::Abort => {
+            return Err(Error::Stopped(format!(
+                "pipeline {} is being aborted",
+                p.name
+            )));
+        }
+        Desired::Pause if !*paused => {
+            *paused = true;
+            tracing::info!(pipeline = %p.name, "paused: backfill stopped, stream keeps applying");
+        }
+        Desired::Run if *paused => {
+            *paused = false;
+            tracing::info!(pipeline = %p.name, "resumed");
+        }
+        _ => {}
+    }
+    let note = if *paused {
+        Some("paused by operator".to_string())
+    } else {
+        throttled.map(str::to_string)
+    };
+    control
+        .execute(
+            "UPDATE rowshift.pipelines SET runner_seen_at = now(), throttled = $2 WHERE name = $1",
+            &[&p.name, &note],
+        )
+        .await
+        .map_err(Error::db("report liveness"))?;
+    Ok((None, note))
 }
 
 /// Re-copies the key ranges `rowshift verify --repair` queued (between two
@@ -305,7 +333,7 @@ async fn run_repairs(
 }
 
 /// End-to-end lag of a batch: from the source commit (or heartbeat) to now.
-fn batch_lag(batch: &Batch) -> Option<i64> {
+pub(super) fn batch_lag(batch: &Batch) -> Option<i64> {
     let from = batch
         .events
         .last()
@@ -314,7 +342,7 @@ fn batch_lag(batch: &Batch) -> Option<i64> {
     Some(((now_us() - from) / 1000).max(0))
 }
 
-async fn estimated(control: &Client, name: &str) -> Result<i64> {
+pub(super) async fn estimated(control: &Client, name: &str) -> Result<i64> {
     let row = control
         .query_one(
             "SELECT coalesce(rows_estimated, 0) FROM rowshift.pipelines WHERE name = $1",
@@ -327,7 +355,11 @@ async fn estimated(control: &Client, name: &str) -> Result<i64> {
 
 /// Writes a heartbeat message into the WAL every second (see
 /// [`crate::source::postgres::replication`]).
-async fn spawn_heartbeat(dsn: &str, prefix: String, stop: CancellationToken) -> Result<()> {
+pub(super) async fn spawn_heartbeat(
+    dsn: &str,
+    prefix: String,
+    stop: CancellationToken,
+) -> Result<()> {
     let client = connect(dsn, "heartbeat").await?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(1000));

@@ -37,6 +37,9 @@ pub struct Status {
     pub live: String,
     pub verification: Option<VerificationStatus>,
     pub last_swap: Option<SwapStatus>,
+    /// Kafka transport: per partition, produced and applied offsets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kafka: Vec<state::kafka::PartitionStatus>,
 }
 
 /// The latest verification report.
@@ -154,7 +157,13 @@ pub async fn status(dsn: &str, name: Option<&str>) -> Result<Vec<Status>> {
                     .map(|p| (p * 10.0).round() / 10.0),
                 blockers: c.get(4),
             });
+        // Empty for direct pipelines (and before the state schema has the
+        // kafka tables).
+        let kafka = state::kafka::status(&client, &name)
+            .await
+            .unwrap_or_default();
         out.push(Status {
+            kafka,
             live,
             verification,
             last_swap,
@@ -243,6 +252,30 @@ pub fn render(s: &Status) -> String {
         _ => "not running".into(),
     };
     lines.push(format!("runner     {runner}"));
+    if !s.kafka.is_empty() {
+        let produced: i64 = s.kafka.iter().map(|k| k.produced).sum();
+        let lag: i64 = s.kafka.iter().map(|k| k.consumer_lag).sum();
+        lines.push(format!(
+            "kafka      {} partitions, {produced} records produced, consumer lag {lag} records",
+            s.kafka.len()
+        ));
+        for k in &s.kafka {
+            lines.push(format!(
+                "  p{:<3} produced to {}, applied to {} (lag {} records{}){}",
+                k.partition,
+                k.produced,
+                k.applied,
+                k.consumer_lag,
+                k.lag_ms
+                    .map(|l| format!(", last batch {l} ms behind the source"))
+                    .unwrap_or_default(),
+                k.applier
+                    .as_deref()
+                    .map(|a| format!(" by {a}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     if let Some(t) = &s.throttled {
         lines.push(format!("throttled  {t}"));
     }

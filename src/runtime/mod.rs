@@ -12,6 +12,8 @@
 
 mod apply_loop;
 pub mod control;
+pub mod kafka_apply;
+mod kafka_produce;
 mod progress;
 
 pub use apply_loop::Stream;
@@ -170,6 +172,23 @@ async fn run_forward(
     let dsn = dsn.as_str();
 
     let mapping = Arc::new(checked.mapping.clone());
+    if p.transport.kafka.is_some() {
+        let schema = kafka_apply::table_schema(p, checked, control).await?;
+        let stream = Stream {
+            reverse: false,
+            slot: p.slot_name(),
+            publication: p.publication_name(),
+            source: p.source_table.clone(),
+            target: p.target_table.clone(),
+            mapping,
+            start_lsn: record.start_lsn,
+        };
+        let control = connect(dsn, "control").await?;
+        return kafka_produce::run(
+            p, dsn, control, stream, schema, epoch, &record, opts, cancel,
+        )
+        .await;
+    }
     if !record.ranges_planned {
         let mut sink = PgSink::connect(
             dsn,

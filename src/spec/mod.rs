@@ -20,7 +20,7 @@
 //!   drop: [legacy_flag]
 //! backfill: { chunk_rows: 5000, target_chunk_ms: 500, rate_limit_rows_per_s: 50000, workers: 2 }
 //! throttle: { max_slot_lag_bytes: 1GB, max_retained_wal_bytes: 4GB, query: "SELECT false" }
-//! transport: { kind: direct }
+//! transport: { kind: direct }                # or kind: kafka with a `kafka:` section
 //! ```
 
 mod reader;
@@ -116,18 +116,76 @@ pub struct Throttle {
     pub check_interval_ms: u64,
 }
 
+/// How changes travel from the replication reader to the appliers.
+///
+/// `batch_events`: most changes in one applied batch; `queue_batches`: how
+/// many batches' worth of changes may wait between reader and applier;
+/// `linger_ms`: how long a batch may wait for more changes once it has one;
+/// `apply_workers`: connections a batch is applied on, split by key (direct).
+/// `kafka`: set with `kind: kafka`; `None` is the in-process `direct` queue.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Transport {
-    /// `batch_events`: most changes in one applied batch; `queue_batches`:
-    /// how many batches' worth of changes may wait between reader and applier;
-    /// `linger_ms`: how long a batch may wait for more changes once it has one;
-    /// `apply_workers`: connections a batch is applied on, split by key.
-    Direct {
-        batch_events: usize,
-        queue_batches: usize,
-        linger_ms: u64,
-        apply_workers: usize,
-    },
+pub struct Transport {
+    pub batch_events: usize,
+    pub queue_batches: usize,
+    pub linger_ms: u64,
+    pub apply_workers: usize,
+    pub kafka: Option<Kafka>,
+}
+
+/// `transport.kafka`: where the change topic lives and how to reach it.
+/// Secrets never sit in the file: `secret_properties` names, for each
+/// librdkafka setting, the environment variable that holds its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kafka {
+    /// `host:port,...`, or read from `brokers_env`.
+    pub brokers: Setting,
+    pub registry_url: Setting,
+    /// Default `rowshift.<pipeline>`.
+    pub topic: Option<String>,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Consumer group of the appliers; default `rowshift-<pipeline>`.
+    pub group: Option<String>,
+    /// librdkafka settings passed as they are (`security.protocol`, `sasl.mechanism`, ...).
+    pub properties: Vec<(String, String)>,
+    /// librdkafka setting → environment variable holding its value.
+    pub secret_properties: Vec<(String, String)>,
+    /// `rowshift run` applies too (false: only `rowshift apply` processes do).
+    pub apply_in_run: bool,
+}
+
+/// A setting given in the file or read from an environment variable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setting {
+    Value(String),
+    Env(String),
+}
+
+impl Setting {
+    pub fn resolve(&self, what: &str) -> Result<String, crate::Error> {
+        match self {
+            Setting::Value(v) => Ok(v.clone()),
+            Setting::Env(var) => std::env::var(var).map_err(|_| crate::Error::Config {
+                reason: format!("environment variable {var} ({what}) is not set"),
+            }),
+        }
+    }
+}
+
+impl Kafka {
+    /// Every librdkafka setting: the plain ones and the secrets, resolved.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>, crate::Error> {
+        let mut out = self.properties.clone();
+        for (key, var) in &self.secret_properties {
+            let value = std::env::var(var).map_err(|_| crate::Error::Config {
+                reason: format!(
+                    "environment variable {var} (transport.kafka.secret_properties.{key}) is not set"
+                ),
+            })?;
+            out.push((key.clone(), value));
+        }
+        Ok(out)
+    }
 }
 
 /// A checked pipeline.
@@ -200,6 +258,24 @@ impl Pipeline {
         format!("rowshift_{}_rev", self.name)
     }
     /// Reads the source DSN from the environment variable the file names.
+    /// The change topic of a kafka pipeline.
+    pub fn kafka_topic(&self) -> String {
+        self.transport
+            .kafka
+            .as_ref()
+            .and_then(|k| k.topic.clone())
+            .unwrap_or_else(|| format!("rowshift.{}", self.name))
+    }
+
+    /// The appliers' consumer group of a kafka pipeline.
+    pub fn kafka_group(&self) -> String {
+        self.transport
+            .kafka
+            .as_ref()
+            .and_then(|k| k.group.clone())
+            .unwrap_or_else(|| format!("rowshift-{}", self.name))
+    }
+
     pub fn source_dsn(&self) -> Result<String, crate::Error> {
         std::env::var(&self.source_dsn_env).map_err(|_| crate::Error::Config {
             reason: format!(

@@ -86,6 +86,47 @@ impl<'a> Fields<'a> {
         }
     }
 
+    pub fn boolean(&mut self, key: &str, problems: &mut Problems) -> Option<bool> {
+        let path = self.path_of(key);
+        match self.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => {
+                problems.push(path, "must be true or false");
+                None
+            }
+        }
+    }
+
+    /// A mapping of strings to strings (numbers and booleans are taken as text).
+    pub fn string_map(&mut self, key: &str, problems: &mut Problems) -> Vec<(String, String)> {
+        let path = self.path_of(key);
+        let Some(value) = self.get(key) else {
+            return Vec::new();
+        };
+        let Value::Mapping(map) = value else {
+            problems.push(path, "must be a mapping of names to values");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, v) in map {
+            let name = match k {
+                Value::String(s) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => {
+                    problems.push(format!("{path}.{name}"), "must be a string");
+                    continue;
+                }
+            };
+            out.push((name, text));
+        }
+        out
+    }
+
     pub fn required_string(&mut self, key: &str, problems: &mut Problems) -> Option<String> {
         let present = self.map.map(|m| m.contains_key(key)).unwrap_or(false);
         let got = self.string(key, problems);

@@ -3,7 +3,9 @@
 //! defaults and reports every problem with its field path.
 
 use super::reader::{Fields, Problems};
-use super::{string_list, Backfill, Cutover, TableName, Throttle, Transport, Verify};
+use super::{
+    string_list, Backfill, Cutover, Kafka, Setting, TableName, Throttle, Transport, Verify,
+};
 use serde_yaml::Value;
 
 /// `mapping.inverse`: source column → SQL expression over the new table's columns.
@@ -148,17 +150,113 @@ pub(super) fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
         .integer("apply_workers", 1, 16, p)
         .map(|n| n as usize)
         .unwrap_or((cores / 2).clamp(1, 4));
-    if kind != "direct" {
-        p.push(
-            "transport.kind",
-            format!("{kind:?} is not supported (supported: direct)"),
-        );
-    }
+    let kafka = match kind.as_str() {
+        "direct" => {
+            if t.get("kafka").is_some() {
+                p.push(
+                    "transport.kafka",
+                    "is only read with kind: kafka".to_string(),
+                );
+            }
+            None
+        }
+        "kafka" => Some(kafka_field(&mut t, p)),
+        other => {
+            p.push(
+                "transport.kind",
+                format!("{other:?} is not supported (supported: direct, kafka)"),
+            );
+            None
+        }
+    };
     t.finish(p);
-    Transport::Direct {
+    Transport {
         batch_events,
         queue_batches,
         linger_ms,
         apply_workers,
+        kafka,
+    }
+}
+
+/// `transport.kafka`.
+fn kafka_field(t: &mut Fields, p: &mut Problems) -> Kafka {
+    let mut k = Fields::new("transport.kafka", t.get("kafka"), p);
+    if !k.present() {
+        p.push("transport.kafka", "is required with kind: kafka");
+    }
+    let either = |k: &mut Fields, name: &str, p: &mut Problems| {
+        let value = k.string(name, p);
+        let env = k.string(&format!("{name}_env"), p);
+        match (value, env) {
+            (Some(v), None) => Setting::Value(v),
+            (None, Some(e)) => Setting::Env(e),
+            (Some(_), Some(_)) => {
+                p.push(
+                    k.path_of(name),
+                    format!("give {name} or {name}_env, not both"),
+                );
+                Setting::Value(String::new())
+            }
+            (None, None) => {
+                if k.present() {
+                    p.push(k.path_of(name), format!("is required (or {name}_env)"));
+                }
+                Setting::Value(String::new())
+            }
+        }
+    };
+    let brokers = either(&mut k, "brokers", p);
+    let registry_url = either(&mut k, "registry_url", p);
+    let topic = k.string("topic", p);
+    if let Some(t) = &topic {
+        if t.len() > 249
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            p.push(
+                "transport.kafka.topic",
+                "a Kafka topic name is at most 249 characters of [a-zA-Z0-9._-]",
+            );
+        }
+    }
+    let partitions = k.integer("partitions", 1, 10_000, p).unwrap_or(6) as i32;
+    let replication_factor = k.integer("replication_factor", 1, 16, p).unwrap_or(1) as i32;
+    let group = k.string("group", p);
+    let properties = k.string_map("properties", p);
+    let secret_properties = k.string_map("secret_properties", p);
+    for (key, _) in &properties {
+        let lower = key.to_ascii_lowercase();
+        if lower.contains("password") || lower.contains("secret") || lower.ends_with(".key") {
+            p.push(
+                format!("transport.kafka.properties.{key}"),
+                "looks like a secret: name the environment variable that holds it under secret_properties instead",
+            );
+        }
+    }
+    for (key, _) in properties.iter().chain(&secret_properties) {
+        if matches!(
+            key.as_str(),
+            "bootstrap.servers" | "enable.idempotence" | "acks" | "group.id" | "enable.auto.commit"
+        ) {
+            p.push(
+                format!("transport.kafka.properties.{key}"),
+                "is set by rowshift (it carries the delivery guarantees)",
+            );
+        }
+    }
+    let apply_in_run = k.boolean("apply_in_run", p).unwrap_or(true);
+    k.finish(p);
+    Kafka {
+        brokers,
+        registry_url,
+        topic,
+        partitions,
+        replication_factor,
+        group,
+        properties,
+        secret_properties,
+        apply_in_run,
     }
 }

@@ -14,6 +14,7 @@
 //! a second process gets a one-line refusal, and a killed process loses the
 //! lock with its connection.
 
+pub mod kafka;
 mod schema;
 
 use crate::error::{Error, Result};

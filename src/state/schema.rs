@@ -102,6 +102,29 @@ const STEPS: &[&str] = &[
         swap_lsn pg_lsn,
         to_validate text[] NOT NULL DEFAULT '{}'
      );",
+    // 4: the kafka transport: per-partition positions (applied: by the
+    // appliers, with each batch; produced: by the producer) and the
+    // incarnation that tells this pipeline's records from a previous one's
+    // in a reused topic
+    "ALTER TABLE rowshift.pipelines ADD COLUMN incarnation text NOT NULL \
+        DEFAULT md5(random()::text || clock_timestamp()::text);
+     CREATE TABLE rowshift.kafka_applied (
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        part int4 NOT NULL,
+        next_offset int8 NOT NULL DEFAULT 0,
+        events int8 NOT NULL DEFAULT 0,
+        lag_ms int8,
+        applied_at timestamptz,
+        applier text,
+        PRIMARY KEY (pipeline, part)
+     );
+     CREATE TABLE rowshift.kafka_produced (
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        part int4 NOT NULL,
+        next_offset int8 NOT NULL DEFAULT 0,
+        produced_at timestamptz,
+        PRIMARY KEY (pipeline, part)
+     );",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

@@ -84,9 +84,14 @@ impl Receiver {
                         self.in_tx = true;
                         self.pending.events.push(e);
                     }
-                    SourceMsg::Commit(lsn) => {
+                    SourceMsg::Commit { lsn, xid } => {
                         self.in_tx = false;
                         self.pending.ack = Some(lsn);
+                        self.pending.xids.push(xid);
+                    }
+                    SourceMsg::Watermark(id) => {
+                        let at = self.pending.events.len();
+                        self.pending.watermarks.push((at, id));
                     }
                     SourceMsg::Heartbeat { lsn, emitted_us } => {
                         if !self.in_tx {
@@ -130,7 +135,10 @@ mod tests {
         let mut r = Receiver::new(rx, 3, Duration::from_millis(1));
         for m in [
             change(1),
-            SourceMsg::Commit(Lsn(10)),
+            SourceMsg::Commit {
+                lsn: Lsn(10),
+                xid: 1,
+            },
             change(2),
             change(3),
             change(4),
@@ -153,7 +161,12 @@ mod tests {
             "a heartbeat inside an open transaction is not a safe position"
         );
         assert_eq!(b.heartbeat_us, Some(5));
-        tx.send(SourceMsg::Commit(Lsn(30))).await.unwrap();
+        tx.send(SourceMsg::Commit {
+            lsn: Lsn(30),
+            xid: 2,
+        })
+        .await
+        .unwrap();
         tx.send(SourceMsg::Heartbeat {
             lsn: Lsn(40),
             emitted_us: 6,

@@ -296,10 +296,10 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while got.len() < 5 && std::time::Instant::now() < deadline {
             let p = consumer
-                .poll(&layout, 100, Duration::from_secs(1))
+                .poll(&layout, 100, Duration::from_secs(1), None)
                 .await
                 .expect("poll");
-            got.extend(p.events.iter().cloned());
+            got.extend(p.events().cloned());
             polls.push(p);
         }
         // The key change is a delete of key 1 and a create of key 2.
@@ -345,19 +345,19 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             assert_eq!(have, want, "{name}: key {k}");
         }
         for p in &polls {
-            consumer.commit(p).expect("commit");
+            consumer.commit(&p.next, true).expect("commit");
         }
         drop(consumer);
         let again =
             Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new()).expect("consumer");
         let p = again
-            .poll(&layout, 100, Duration::from_secs(8))
+            .poll(&layout, 100, Duration::from_secs(8), None)
             .await
             .expect("poll");
         assert!(
-            p.events.is_empty(),
+            p.items.is_empty(),
             "{name}: committed records came back: {:?}",
-            p.events
+            p.items
         );
         let fresh = Consumer::new(
             &brokers,
@@ -371,11 +371,11 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while n < 5 && std::time::Instant::now() < deadline {
             n += fresh
-                .poll(&layout, 100, Duration::from_secs(1))
+                .poll(&layout, 100, Duration::from_secs(1), None)
                 .await
                 .expect("poll")
-                .events
-                .len();
+                .events()
+                .count();
         }
         assert_eq!(n, 5, "{name}: a new group reads from the beginning");
     }

@@ -87,8 +87,13 @@ impl TestDb {
 
     /// Starts `rowshift run FILE` in the background (logs to a file in the test dir).
     pub fn spawn_run(&self, file: &std::path::Path, tag: &str) -> Proc {
+        self.spawn(&["run", file.to_str().expect("utf-8 path")], tag)
+    }
+
+    /// Starts `rowshift ARGS` in the background (logs to a file in the test dir).
+    pub fn spawn(&self, args: &[&str], tag: &str) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("run-{tag}.log"))).expect("log file");
-        self.command(&["run", file.to_str().expect("utf-8 path")])
+        self.command(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

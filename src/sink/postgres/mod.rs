@@ -164,6 +164,20 @@ impl PgSink {
         self.apply_segments(&segments, checkpoint).await
     }
 
+    /// Applies a batch in one transaction that *starts* with `claim` (the
+    /// kafka appliers' per-partition positions: a competing applier waits on
+    /// them before it writes any row, see `state::kafka::claim`).
+    pub async fn apply_claimed(
+        &mut self,
+        events: Vec<ChangeEvent>,
+        claim: &Checkpoint,
+    ) -> Result<Applied> {
+        let segments = fold(events, &self.mapping.source_key)
+            .map_err(|e| Error::Replication(e.to_string()))?;
+        self.write(&segments, Some(claim), &Checkpoint::default())
+            .await
+    }
+
     /// Applies folded segments, in order, in one transaction that ends with
     /// `checkpoint`.
     pub async fn apply_segments(
@@ -171,11 +185,24 @@ impl PgSink {
         segments: &[Segment],
         checkpoint: &Checkpoint,
     ) -> Result<Applied> {
+        self.write(segments, None, checkpoint).await
+    }
+
+    async fn write(
+        &mut self,
+        segments: &[Segment],
+        claim: Option<&Checkpoint>,
+        checkpoint: &Checkpoint,
+    ) -> Result<Applied> {
         let mut statements = Vec::new();
         for seg in segments {
             statements.push(self.statements_for(seg).await?);
         }
         let ckpt = self.checkpoint_statement(checkpoint).await?;
+        let claim_stmt = match claim {
+            Some(c) => self.checkpoint_statement(c).await?,
+            None => None,
+        };
         let target = self.target.quoted();
         let mapping = self.mapping.clone();
         let tx = self
@@ -183,6 +210,9 @@ impl PgSink {
             .transaction()
             .await
             .map_err(Error::db("begin apply"))?;
+        if let Some(c) = claim {
+            run_checkpoint(&tx, claim_stmt.as_ref(), c, None).await?;
+        }
         let mut applied = Applied::default();
         for (seg, stmts) in segments.iter().zip(&statements) {
             if seg.truncate_first {

@@ -348,3 +348,68 @@ pub fn partial_update(
         key_text.join(", ")
     )
 }
+
+/// The source rows with `lo < key <= hi`, every column as text, in key
+/// order, at most `$n` of them when `limited` (the parameter after the key
+/// bounds). The kafka transport's backfill chunks read these.
+pub fn source_rows(
+    m: &Mapping,
+    source: &TableName,
+    has_lo: bool,
+    has_hi: bool,
+    limited: bool,
+) -> String {
+    let cols: Vec<String> = m
+        .source_columns
+        .iter()
+        .map(|c| format!("src.{}::text", quote_ident(&c.name)))
+        .collect();
+    let order: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&p| format!("src.{}", quote_ident(&m.source_columns[p].name)))
+        .collect();
+    let conds = range_conds(m, &source_key_row(m), has_lo, has_hi);
+    let bounds = [has_lo, has_hi].iter().filter(|b| **b).count();
+    let limit = if limited {
+        format!(" LIMIT ${}::text::int8", bounds * m.source_key.len() + 1)
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {} FROM ONLY {} AS src {} ORDER BY {}{limit}",
+        cols.join(", "),
+        source.quoted(),
+        where_clause(&conds),
+        order.join(", ")
+    )
+}
+
+/// The keys (source key order, as text) of target rows with
+/// `lo < key <= hi` that the source lacks.
+pub fn orphan_keys(
+    m: &Mapping,
+    source: &TableName,
+    target: &TableName,
+    has_lo: bool,
+    has_hi: bool,
+) -> String {
+    let cols: Vec<String> = m
+        .source_key
+        .iter()
+        .filter_map(|p| m.key_pairs.iter().find(|(_, s)| s == p))
+        .map(|(t, _)| format!("t.{}::text", quote_ident(&m.target_columns[*t].name)))
+        .collect();
+    let mut conds = range_conds(m, &target_key_row(m), has_lo, has_hi);
+    conds.push(format!(
+        "NOT EXISTS (SELECT 1 FROM ONLY {} AS src WHERE {})",
+        source.quoted(),
+        key_join(m, "src")
+    ));
+    format!(
+        "SELECT {} FROM ONLY {} AS t {}",
+        cols.join(", "),
+        target.quoted(),
+        where_clause(&conds)
+    )
+}

@@ -44,6 +44,9 @@ pub struct ReaderConfig {
     pub key_positions: Vec<usize>,
     /// Prefix of this pipeline's heartbeat messages.
     pub heartbeat_prefix: String,
+    /// Prefix of this pipeline's watermark messages (transactional; the
+    /// kafka transport's backfill, see [`crate::transport::kafka::snapshot`]).
+    pub watermark_prefix: String,
     /// Skip transactions that committed before this position (the server
     /// starts at the slot's confirmed position when that is later).
     pub start_lsn: Option<Lsn>,
@@ -113,6 +116,7 @@ struct Decoder {
     config: ReaderConfig,
     commit_lsn: Lsn,
     commit_ts_us: i64,
+    xid: u32,
 }
 
 impl Decoder {
@@ -121,6 +125,7 @@ impl Decoder {
             config,
             commit_lsn: Lsn::ZERO,
             commit_ts_us: 0,
+            xid: 0,
         }
     }
 
@@ -129,21 +134,31 @@ impl Decoder {
             EventType::Begin {
                 final_lsn,
                 commit_timestamp,
+                transaction_id,
                 ..
             } => {
                 self.commit_lsn = Lsn(final_lsn.value());
                 self.commit_ts_us = commit_timestamp.timestamp_micros();
+                self.xid = transaction_id;
                 return Ok(None);
             }
             EventType::Commit { end_lsn, .. } => {
-                return Ok(Some(SourceMsg::Commit(Lsn(end_lsn.value()))))
+                return Ok(Some(SourceMsg::Commit {
+                    lsn: Lsn(end_lsn.value()),
+                    xid: self.xid,
+                }))
             }
             EventType::Message {
                 prefix,
                 content,
                 message_lsn,
-                ..
+                flags,
             } => {
+                if flags & 1 == 1 && *prefix == *self.config.watermark_prefix {
+                    return Ok(Some(SourceMsg::Watermark(
+                        String::from_utf8_lossy(&content).into_owned(),
+                    )));
+                }
                 if *prefix != *self.config.heartbeat_prefix {
                     return Ok(None);
                 }

@@ -5,25 +5,40 @@
 //! partition per key); across keys the sink needs none.
 
 use super::decode::Layout;
-use super::producer::Passthrough;
+use super::producer::{Passthrough, INCARNATION_HEADER};
 use crate::error::{Error, Result};
 use crate::model::ChangeEvent;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Events read since the last commit, and the offsets to commit once they
+/// One record read: where it is, and its change (`None`: a tombstone, or
+/// another incarnation's record; skipped, but its offset is consumed).
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub partition: i32,
+    pub offset: i64,
+    pub event: Option<ChangeEvent>,
+}
+
+/// Records read since the last commit, and the offsets to commit once they
 /// are applied.
 #[derive(Debug, Default)]
 pub struct Polled {
-    pub events: Vec<ChangeEvent>,
+    pub items: Vec<Item>,
     /// (topic, partition) → next offset to read.
     pub next: BTreeMap<(String, i32), i64>,
+}
+
+impl Polled {
+    pub fn events(&self) -> impl Iterator<Item = &ChangeEvent> {
+        self.items.iter().filter_map(|i| i.event.as_ref())
+    }
 }
 
 pub struct Consumer {
@@ -45,6 +60,7 @@ impl Consumer {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
+            .set("fetch.wait.max.ms", "20")
             .set("isolation.level", "read_committed");
         for (k, v) in passthrough {
             cfg.set(k, v);
@@ -62,12 +78,18 @@ impl Consumer {
     }
 
     /// Waits for at least one record (or `wait`), then takes what else is
-    /// ready, up to `max` events.
-    pub async fn poll(&self, layout: &Layout<'_>, max: usize, wait: Duration) -> Result<Polled> {
+    /// ready, up to `max` records. With `incarnation`, records whose header
+    /// names another incarnation are returned without their event.
+    pub async fn poll(
+        &self,
+        layout: &Layout<'_>,
+        max: usize,
+        wait: Duration,
+        incarnation: Option<&str>,
+    ) -> Result<Polled> {
         let mut out = Polled::default();
         let mut deadline = tokio::time::Instant::now() + wait;
-        let mut seen = 0usize;
-        while out.events.len() < max {
+        while out.items.len() < max {
             let msg = match tokio::time::timeout_at(deadline, self.inner.recv()).await {
                 Err(_) => break,
                 Ok(Err(e)) => return Err(Error::Replication(format!("kafka consume: {e}"))),
@@ -75,41 +97,61 @@ impl Consumer {
             };
             out.next
                 .insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            seen += 1;
-            if seen == 1 {
+            if out.items.is_empty() {
                 // Something arrived: take what follows without waiting long.
                 deadline = tokio::time::Instant::now() + Duration::from_millis(5);
             }
-            let Some(payload) = msg.payload() else {
-                continue;
-            }; // tombstone
-            let decoded = self
-                .decoder
-                .decode(Some(payload))
-                .await
-                .map_err(|e| Error::Replication(format!("decode record: {e}")))?;
-            if let Some(e) = layout
-                .event(&decoded.value)
-                .map_err(|e| Error::Replication(format!("record at {}: {e}", msg.offset())))?
-            {
-                out.events.push(e);
+            let mut item = Item {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                event: None,
+            };
+            let ours = match incarnation {
+                None => true,
+                Some(want) => msg.headers().is_some_and(|h| {
+                    h.iter()
+                        .any(|h| h.key == INCARNATION_HEADER && h.value == Some(want.as_bytes()))
+                }),
+            };
+            if let (true, Some(payload)) = (ours, msg.payload()) {
+                let decoded = self
+                    .decoder
+                    .decode(Some(payload))
+                    .await
+                    .map_err(|e| Error::Replication(format!("decode record: {e}")))?;
+                item.event = layout.event(&decoded.value).map_err(|e| {
+                    Error::Replication(format!(
+                        "record at {}/{}: {e}",
+                        msg.partition(),
+                        msg.offset()
+                    ))
+                })?;
             }
+            out.items.push(item);
         }
         Ok(out)
     }
 
-    /// Commits the offsets of a poll whose events are applied.
-    pub fn commit(&self, polled: &Polled) -> Result<()> {
-        if polled.next.is_empty() {
+    /// Commits the offsets of a poll whose events are applied (`wait`: until
+    /// the broker has them).
+    pub fn commit(&self, next: &BTreeMap<(String, i32), i64>, wait: bool) -> Result<()> {
+        if next.is_empty() {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), next) in &polled.next {
+        for ((topic, partition), next) in next {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| Error::Replication(format!("offsets: {e}")))?;
         }
         self.inner
-            .commit(&tpl, CommitMode::Sync)
+            .commit(
+                &tpl,
+                if wait {
+                    CommitMode::Sync
+                } else {
+                    CommitMode::Async
+                },
+            )
             .map_err(|e| Error::Replication(format!("commit offsets: {e}")))
     }
 }

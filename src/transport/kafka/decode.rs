@@ -200,7 +200,10 @@ impl Layout<'_> {
             "c" | "r" | "u" => {
                 let after = record(field(env, "after")).ok_or("an upsert without after")?;
                 let new = self.row(after, &unavailable)?;
-                if op == "u" {
+                // A create that left columns out (the new key of a key
+                // change whose TOASTed columns did not change) is applied as
+                // a partial update: the sink re-reads the row it lacks.
+                if op == "u" || !unavailable.is_empty() {
                     Change::Update { old_key: None, new }
                 } else {
                     Change::Insert { new }

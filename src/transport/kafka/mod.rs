@@ -38,3 +38,4 @@ pub mod consumer;
 pub mod decode;
 pub mod envelope;
 pub mod producer;
+pub mod snapshot;

@@ -1,48 +1,198 @@
-//! The producing side: idempotent, `acks=all`; a send returns only once the
-//! broker acknowledged the record, which is what lets the slot's confirmed
-//! position advance past it (invariant 3).
+//! The producing side: idempotent, `acks=all`; a record counts as produced
+//! only once the broker acknowledged it, which is what lets the slot's
+//! confirmed position advance past it (invariant 3).
+//!
+//! Records are keyed by the Avro-encoded primary key and partitioned with
+//! `murmur2_random`, the Java client's partitioner, so other producers and
+//! tools agree on which partition a key lives in, and one key's changes stay
+//! in one partition, in order.
 
 use crate::error::{Error, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use std::time::Duration;
 
 /// Settings passed to librdkafka as they are (SASL/TLS and the like), on top
 /// of rowshift's own (`enable.idempotence`, `acks`).
 pub type Passthrough = Vec<(String, String)>;
 
+/// Header carrying the pipeline's incarnation (see `state::kafka::incarnation`).
+pub const INCARNATION_HEADER: &str = "rowshift.incarnation";
+
 pub struct Producer {
     inner: FutureProducer,
 }
 
+fn config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in passthrough {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// An acknowledgement still to come: `(partition, offset)` when it does.
+pub struct Pending(DeliveryFuture);
+
+impl Pending {
+    pub async fn wait(self, topic: &str) -> Result<(i32, i64)> {
+        match self.0.await {
+            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+            Ok(Err((e, _))) => Err(Error::Replication(format!("kafka produce to {topic}: {e}"))),
+            Err(_) => Err(Error::Replication(format!(
+                "kafka produce to {topic}: the producer stopped"
+            ))),
+        }
+    }
+}
+
 impl Producer {
     pub fn new(brokers: &str, passthrough: &Passthrough) -> Result<Producer> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
+        let mut cfg = config(brokers, passthrough);
+        cfg.set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "300000");
-        for (k, v) in passthrough {
-            cfg.set(k, v);
-        }
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.timeout.ms", "0");
         let inner = cfg.create().map_err(|e| Error::Config {
             reason: format!("kafka producer: {e}"),
         })?;
         Ok(Producer { inner })
     }
 
+    /// Queues one record (waiting while librdkafka's queue is full) and
+    /// returns its acknowledgement to await. Records queued in order are
+    /// written in order per partition (idempotent producer).
+    pub async fn queue(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        incarnation: &str,
+    ) -> Result<Pending> {
+        loop {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: INCARNATION_HEADER,
+                value: Some(incarnation.as_bytes()),
+            });
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+                .key(key)
+                .headers(headers);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            match self.inner.send_result(record) {
+                Ok(f) => return Ok(Pending(f)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => {
+                    return Err(Error::Replication(format!("kafka produce to {topic}: {e}")))
+                }
+            }
+        }
+    }
+
     /// Sends one record and waits for the broker's acknowledgement; returns
     /// (partition, offset).
     pub async fn send(&self, topic: &str, key: &[u8], value: Option<&[u8]>) -> Result<(i32, i64)> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).key(key);
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        self.inner
-            .send(record, Duration::from_secs(300))
-            .await
-            .map(|d| (d.partition, d.offset))
-            .map_err(|(e, _)| Error::Replication(format!("kafka produce to {topic}: {e}")))
+        self.queue(topic, key, value, "").await?.wait(topic).await
     }
+
+    /// The topic's partition count (asks the broker).
+    pub async fn partitions(&self, topic: &str) -> Result<i32> {
+        let producer = self.inner.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(15))
+                .map_err(|e| Error::Replication(format!("kafka metadata of {topic}: {e}")))?;
+            let n = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map(|t| t.partitions().len() as i32)
+                .unwrap_or(0);
+            if n == 0 {
+                return Err(Error::Replication(format!(
+                    "kafka topic {topic} has no partitions (does it exist?)"
+                )));
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Error::Replication(format!("kafka metadata: {e}")))?
+    }
+}
+
+/// Creates the topic unless it exists.
+pub async fn ensure_topic(
+    brokers: &str,
+    passthrough: &Passthrough,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        config(brokers, passthrough)
+            .create()
+            .map_err(|e| Error::Config {
+                reason: format!("kafka admin client: {e}"),
+            })?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let results = admin
+        .create_topics(
+            &[new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(|e| Error::Replication(format!("create kafka topic {topic}: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(Error::Replication(format!(
+                    "create kafka topic {t}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the topic (abort); a missing topic is not an error.
+pub async fn delete_topic(brokers: &str, passthrough: &Passthrough, topic: &str) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        config(brokers, passthrough)
+            .create()
+            .map_err(|e| Error::Config {
+                reason: format!("kafka admin client: {e}"),
+            })?;
+    let results = admin
+        .delete_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(|e| Error::Replication(format!("delete kafka topic {topic}: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((t, code)) => {
+                return Err(Error::Replication(format!(
+                    "delete kafka topic {t}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,210 @@
+//! The kafka transport's appliers: members of the pipeline's consumer group
+//! (`rowshift apply`, and `rowshift run` unless `apply_in_run: false`).
+//!
+//! Each poll's records are applied in one target transaction that first
+//! claims the partitions' stored positions (`rowshift.kafka_applied`, see
+//! [`state::kafka::claim`]) and then writes the rows; the consumer group's
+//! offsets are committed afterwards, for tooling and to start near the right
+//! place after a rebalance. The stored positions are what counts: records
+//! below them are skipped, so a redelivery after a crash or a rebalance is
+//! not applied twice, and two processes that briefly hold the same partition
+//! cannot both apply it (the second finds the position moved, reloads it and
+//! goes on from there). Per key, order is the partition's order.
+
+use super::Exit;
+use crate::error::{Error, Result};
+use crate::model::{now_us, ChangeEvent};
+use crate::preflight::Checked;
+use crate::sink::postgres::{PgSink, Role};
+use crate::source::postgres::connect;
+use crate::spec::Pipeline;
+use crate::state::kafka::PartBatch;
+use crate::state::{self, Desired};
+use crate::transform::Mapping;
+use crate::transport::kafka::consumer::{Consumer, Polled};
+use crate::transport::kafka::decode::Layout;
+use crate::transport::kafka::envelope::TableSchema;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// The Avro shape of the pipeline's source table (refuses unmappable types).
+pub async fn table_schema(p: &Pipeline, checked: &Checked, client: &Client) -> Result<TableSchema> {
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(Error::db("read database name"))?
+        .get(0);
+    crate::preflight::kafka_schema(p, checked, &db)
+        .map_err(|problems| Error::Preflight { problems })
+}
+
+/// Applies the topic until cancelled, the pipeline ends or it is aborted.
+pub async fn run(
+    p: &Pipeline,
+    dsn: &str,
+    mapping: Arc<Mapping>,
+    schema: &TableSchema,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let k = p
+        .transport
+        .kafka
+        .clone()
+        .ok_or_else(|| Error::State("not a kafka pipeline".into()))?;
+    let brokers = k.brokers.resolve("transport.kafka.brokers")?;
+    let registry = k.registry_url.resolve("transport.kafka.registry_url")?;
+    let props = k.client_properties()?;
+    let control = connect(dsn, "applier").await?;
+    let incarnation = state::kafka::incarnation(&control, &p.name).await?;
+    let consumer = Consumer::new(
+        &brokers,
+        &p.kafka_group(),
+        &p.kafka_topic(),
+        &registry,
+        &props,
+    )?;
+    let layout = Layout {
+        columns: &schema.columns,
+        key: &schema.key,
+    };
+    let mut sink = PgSink::connect(
+        dsn,
+        mapping,
+        p.source_table.clone(),
+        p.target_table.clone(),
+        Role::Stream,
+    )
+    .await?;
+    let me = format!("pid {}", std::process::id());
+    let mut positions = state::kafka::applied(&control, &p.name).await?;
+    let mut last_check: Option<Instant> = None;
+    let mut forward = true;
+    tracing::info!(pipeline = %p.name, topic = %p.kafka_topic(), group = %p.kafka_group(), "applying from kafka");
+    loop {
+        if last_check.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+            last_check = Some(Instant::now());
+            match wanted(&control, &p.name).await? {
+                Some(Exit::Done) => return Ok(()),
+                Some(Exit::Switched) => forward = false,
+                None => forward = true,
+            }
+        }
+        if !forward {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        }
+        let polled = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,
+        };
+        if polled.items.is_empty() {
+            continue;
+        }
+        apply(p, &control, &mut sink, &me, &polled, &mut positions).await?;
+        consumer.commit(&polled.next, false)?;
+    }
+}
+
+/// `None`: apply. `Done`: the pipeline is gone or finished. `Switched`: the
+/// forward stream is off (cut over); wait.
+async fn wanted(control: &Client, name: &str) -> Result<Option<Exit>> {
+    let Some(r) = state::load(control, name).await? else {
+        return Err(Error::Stopped(format!("pipeline {name} no longer exists")));
+    };
+    if r.desired == Desired::Abort {
+        return Err(Error::Stopped(format!("pipeline {name} is being aborted")));
+    }
+    if matches!(r.phase.as_str(), "contracting" | "contracted") {
+        return Ok(Some(Exit::Done));
+    }
+    Ok(r.reverse().then_some(Exit::Switched))
+}
+
+/// Applies one poll: the records at or past each partition's stored
+/// position, with the claim of those positions in the same transaction.
+async fn apply(
+    p: &Pipeline,
+    control: &Client,
+    sink: &mut PgSink,
+    me: &str,
+    polled: &Polled,
+    positions: &mut HashMap<i32, i64>,
+) -> Result<()> {
+    for attempt in 0..20 {
+        let mut parts: BTreeMap<i32, PartBatch> = BTreeMap::new();
+        let mut events: Vec<ChangeEvent> = Vec::new();
+        for item in &polled.items {
+            let Some(&stored) = positions.get(&item.partition) else {
+                *positions = state::kafka::applied(control, &p.name).await?;
+                if !positions.contains_key(&item.partition) {
+                    return Err(Error::State(format!(
+                        "partition {} of {} has no stored position; has `rowshift run` started producing?",
+                        item.partition,
+                        p.kafka_topic()
+                    )));
+                }
+                return Box::pin(apply(p, control, sink, me, polled, positions)).await;
+            };
+            if item.offset < stored {
+                continue; // applied before (a redelivery)
+            }
+            let part = parts.entry(item.partition).or_insert(PartBatch {
+                part: item.partition,
+                expected: stored,
+                next: stored,
+                events: 0,
+            });
+            part.next = item.offset + 1;
+            if let Some(e) = &item.event {
+                events.push(e.clone());
+                part.events += 1;
+            }
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let lag = events
+            .last()
+            .map(|e| ((now_us() - e.commit_ts_us) / 1000).max(0));
+        let batch: Vec<PartBatch> = parts.values().copied().collect();
+        let claim = state::kafka::claim(&p.name, me, &batch, lag);
+        match sink.apply_claimed(events, &claim).await {
+            Ok(_) => {
+                for b in batch {
+                    positions.insert(b.part, b.next);
+                }
+                return Ok(());
+            }
+            Err(e) if moved(&e) => {
+                // Another applier moved a partition (or the stream was
+                // switched off): read the positions again and skip what
+                // it applied.
+                tracing::debug!(pipeline = %p.name, attempt, "kafka positions moved; reloading");
+                *positions = state::kafka::applied(control, &p.name).await?;
+                if wanted(control, &p.name).await?.is_some() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::State(
+        "the kafka positions kept moving under this applier".into(),
+    ))
+}
+
+/// The claim found a position moved, or lost a lock race to another applier.
+fn moved(e: &Error) -> bool {
+    match e {
+        Error::Stopped(_) => true,
+        Error::Db { source, .. } => source
+            .code()
+            .is_some_and(|c| matches!(c.code(), "40P01" | "40001")),
+        _ => false,
+    }
+}

@@ -1,0 +1,741 @@
+//! `rowshift run` with the kafka transport: the producer.
+//!
+//! ```text
+//!  slot ─▶ reader ─▶ batches ─▶ encode + queue ─▶ acker ─▶ slot confirmed, chunk cursor, marks
+//!                        ▲                                        │
+//!            backfill chunks (watermarks)          applied LSN ◀── marks vs kafka_applied
+//! ```
+//!
+//! The main loop turns each batch of changes into Avro records and queues
+//! them with the idempotent producer, in stream order, without waiting. The
+//! acker task awaits the broker's acknowledgements batch by batch, in order;
+//! only then is the batch's position confirmed to the slot (invariant 3) and
+//! a backfill chunk whose rows it carried recorded as copied.
+//!
+//! Each confirmed position becomes a *mark*: the LSN and, per partition, the
+//! end offset of everything produced up to it. The appliers store how far
+//! each partition is applied (`rowshift.kafka_applied`, in the transaction
+//! of the rows), so the pipeline's applied LSN, which `verify`, `cutover`
+//! and `status` read as with `direct`, is the newest mark every partition
+//! has passed. Heartbeats make marks while the table is idle, so the applied
+//! LSN, and with it the cut-over's drain, keep moving.
+//!
+//! The backfill is the DBLog chunking of
+//! [`crate::transport::kafka::snapshot`]; `verify --repair` ranges go the
+//! same way, with deletes for target rows the source lacks.
+
+use super::apply_loop::{batch_lag, control_tick, estimated, spawn_heartbeat, Stream};
+use super::progress::Progress;
+use super::{kafka_apply, Exit, RunOptions};
+use crate::backfill::throttle::Throttler;
+use crate::error::{Error, Result};
+use crate::model::{now_us, Change, ChangeEvent, Key, Lsn, Row};
+use crate::sink::postgres::sql;
+use crate::source::postgres::connect;
+use crate::source::postgres::replication::{self, ReaderConfig};
+use crate::spec::Pipeline;
+use crate::state::{self, apply_checkpoint, chunk_checkpoint, Phase, PipelineRecord, RangeRecord};
+use crate::transport::direct;
+use crate::transport::kafka::codec::Encoder;
+use crate::transport::kafka::envelope::TableSchema;
+use crate::transport::kafka::producer::{ensure_topic, Pending, Producer};
+use crate::transport::kafka::snapshot::{Chunk, RecentXids, Snapshot};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// What a confirmed batch carried besides its records.
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    ack: Option<Lsn>,
+    /// Source time of the batch's newest change or heartbeat (µs).
+    ts_us: Option<i64>,
+    events: usize,
+    /// A backfill chunk ended in this batch: its cursor, whether it ended
+    /// the range, and the rows produced.
+    chunk: Option<(Option<Key>, bool, usize)>,
+    /// A repair request whose rows this batch carried.
+    repair: Option<(i64, usize, usize)>,
+}
+
+struct Inflight {
+    pending: Vec<Pending>,
+    carried: Carried,
+}
+
+/// A position with the end offset of each partition up to it.
+struct Mark {
+    lsn: Lsn,
+    ends: Vec<i64>,
+    ts_us: Option<i64>,
+}
+
+/// Chunks read and waiting for their watermarks at most: each costs a trip
+/// through the replication stream, so several overlap.
+const MAX_OPEN: usize = 4;
+
+/// An open chunk, and the repair request it serves (if any).
+struct Open {
+    chunk: Chunk,
+    repair: Option<i64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    p: &Pipeline,
+    dsn: &str,
+    control: Client,
+    stream: Stream,
+    schema: TableSchema,
+    epoch: i64,
+    record: &PipelineRecord,
+    opts: &RunOptions,
+    cancel: CancellationToken,
+) -> Result<Exit> {
+    let k = p
+        .transport
+        .kafka
+        .clone()
+        .ok_or_else(|| Error::State("not a kafka pipeline".into()))?;
+    let brokers = k.brokers.resolve("transport.kafka.brokers")?;
+    let registry = k.registry_url.resolve("transport.kafka.registry_url")?;
+    let props = k.client_properties()?;
+    let topic = p.kafka_topic();
+    ensure_topic(&brokers, &props, &topic, k.partitions, k.replication_factor).await?;
+    let producer = Producer::new(&brokers, &props)?;
+    let partitions = producer.partitions(&topic).await?;
+    state::kafka::init(&control, &p.name, partitions).await?;
+    let incarnation = state::kafka::incarnation(&control, &p.name).await?;
+    let encoder = Encoder::new(&registry, &schema);
+    let mapping = stream.mapping.clone();
+    let key = mapping.source_key.clone();
+
+    let stop = cancel.child_token();
+    let _stop_guard = stop.clone().drop_guard();
+    let mut applier = if k.apply_in_run {
+        let (p2, d2, m2, s2, c2) = (
+            p.clone(),
+            dsn.to_string(),
+            mapping.clone(),
+            schema.clone(),
+            stop.clone(),
+        );
+        Some(tokio::spawn(async move {
+            kafka_apply::run(&p2, &d2, m2, &s2, c2).await
+        }))
+    } else {
+        None
+    };
+
+    spawn_heartbeat(dsn, super::heartbeat_prefix(&p.name), stop.clone()).await?;
+    let reader = ReaderConfig {
+        dsn: dsn.to_string(),
+        slot: stream.slot.clone(),
+        publication: stream.publication.clone(),
+        start_lsn: stream.start_lsn,
+        columns: Arc::new(
+            mapping
+                .source_columns
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        ),
+        key_positions: key.clone(),
+        heartbeat_prefix: super::heartbeat_prefix(&p.name),
+        watermark_prefix: super::apply_loop::watermark_prefix(&p.name),
+    };
+    let t = &p.transport;
+    let capacity = t.batch_events.saturating_mul(t.queue_batches).max(1);
+    let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
+    let mut rx = direct::Receiver::new(
+        source_rx,
+        t.batch_events,
+        Duration::from_millis(t.linger_ms),
+    );
+
+    // The acker: awaits acknowledgements in order.
+    let (inflight_tx, mut inflight_rx) = mpsc::channel::<Inflight>(64);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<(Carried, Vec<i64>)>>(64);
+    let acker_topic = topic.clone();
+    tokio::spawn(async move {
+        let mut ends = vec![0i64; partitions as usize];
+        while let Some(batch) = inflight_rx.recv().await {
+            let mut failed = None;
+            for pending in batch.pending {
+                match pending.wait(&acker_topic).await {
+                    Ok((part, offset)) => {
+                        if let Some(e) = ends.get_mut(part as usize) {
+                            *e = (*e).max(offset + 1);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let out = match failed {
+                Some(e) => Err(e),
+                None => Ok((batch.carried, ends.clone())),
+            };
+            if done_tx.send(out).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let snap_client = connect(dsn, "snapshot").await?;
+    if !record.ranges_planned {
+        let mut c = connect(dsn, "plan").await?;
+        let estimate = estimated_source_rows(&c, p).await?;
+        c.execute(
+            "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
+            &[&p.name, &estimate],
+        )
+        .await
+        .map_err(Error::db("store estimate"))?;
+        // Rows inserted after this point arrive through the stream: the
+        // backfill stops at today's highest key instead of chasing inserts.
+        let hi = highest_key(&c, &mapping, &p.source_table).await?;
+        let whole = RangeRecord {
+            range_no: 0,
+            lo: None,
+            done: hi.is_none(),
+            hi,
+            cursor: None,
+            rows_copied: 0,
+            chunks_done: 0,
+        };
+        state::save_ranges(&mut c, &p.name, &[whole]).await?;
+    }
+    let mut range = state::load_ranges(&control, &p.name)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::State("the backfill range vanished".into()))?;
+    if stream.reverse {
+        range.done = true;
+    }
+    if !range.done && record.phase != Phase::Backfilling.as_str() {
+        state::set_phase(&control, &p.name, Phase::Backfilling, None).await?;
+    }
+
+    let mut progress = Progress::new(opts.progress, &p.name, estimated(&control, &p.name).await?);
+    progress.backfill(range.rows_copied, range.chunks_done);
+    let mut caught_up = !matches!(
+        record.phase.as_str(),
+        "planned" | "expanding" | "backfilling" | "rolled_back" | "failed"
+    );
+    let mut backfill_done: Option<Option<Lsn>> = range.done.then_some(None);
+    let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());
+    let mut throttled: Option<String> = None;
+    let mut paused = record.desired == state::Desired::Pause;
+    let mut open: Vec<Open> = Vec::new();
+    let mut last_repair_check = Instant::now();
+    let mut chunk_seq = 0u64;
+    let mut cursor = range.cursor.clone();
+    let mut recent = RecentXids::default();
+    let mut marks: VecDeque<Mark> = VecDeque::new();
+    let mut ends_now: Vec<i64> = vec![0; partitions as usize];
+    let mut confirmed_events = 0usize;
+    let mut not_before = Instant::now();
+    let mut last_control = Instant::now();
+    let mut last_refresh = Instant::now();
+    let mut last_lsn = Lsn::ZERO;
+    let mut repairs_open = 0usize;
+    tracing::info!(pipeline = %p.name, %topic, partitions, "producing to kafka");
+
+    let result: Result<Exit> = async {
+        loop {
+            // Start chunks while fewer than MAX_OPEN wait for their
+            // watermarks (a queued repair first).
+            if open.len() < MAX_OPEN && Instant::now() >= not_before {
+                if repairs_open == 0 && last_repair_check.elapsed() >= Duration::from_millis(500) {
+                    last_repair_check = Instant::now();
+                    if let Some(o) =
+                        next_repair(p, &control, &snap_client, &mapping, &recent, chunk_seq).await?
+                    {
+                        chunk_seq += 1;
+                        repairs_open += 1;
+                        open.push(o);
+                    }
+                }
+                if !range.done && !paused {
+                    throttled = throttler.check(&control).await?;
+                    if throttled.is_none() {
+                        let o = read_chunk(p, &snap_client, &mapping, (&cursor, &range.hi), &recent, chunk_seq)
+                            .await?;
+                        chunk_seq += 1;
+                        if let Some(o) = o {
+                            cursor = o.chunk.cursor.clone();
+                            if o.chunk.done {
+                                range.done = true;
+                            }
+                            if let Some(rate) = p.backfill.rate_limit_rows_per_s {
+                                let secs = o.chunk.read as f64 / rate.max(1) as f64;
+                                not_before = Instant::now() + Duration::from_secs_f64(secs);
+                            }
+                            open.push(o);
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Error::Stopped("interrupted".into())),
+                done = done_rx.recv() => {
+                    let (carried, ends) = done.ok_or_else(|| Error::Replication("the kafka acker stopped".into()))??;
+                    if let Some(lsn) = carried.ack {
+                        ack(lsn);
+                    }
+                    confirmed_events += carried.events;
+                    if let Some((c, finished, rows)) = &carried.chunk {
+                        let mut ckpt = chunk_checkpoint(&p.name, epoch, 0, c, *finished);
+                        ckpt.params.push(Some(rows.to_string()));
+                        state::kafka::execute(&control, &ckpt).await?;
+                        range.rows_copied += *rows as i64;
+                        range.chunks_done += 1;
+                        progress.backfill(range.rows_copied, range.chunks_done);
+                        if *finished {
+                            backfill_done = Some(carried.ack);
+                            control
+                                .execute("UPDATE rowshift.pipelines SET backfill_finished_at = now() WHERE name = $1", &[&p.name])
+                                .await
+                                .map_err(Error::db("record backfill end"))?;
+                            state::audit(&control, &p.name, "backfill finished", &format!("{} rows", range.rows_copied)).await?;
+                            tracing::info!(pipeline = %p.name, rows = range.rows_copied, "backfill produced; waiting for the appliers to catch up");
+                        }
+                    }
+                    if let Some((id, written, deleted)) = carried.repair {
+                        repairs_open = repairs_open.saturating_sub(1);
+                        control
+                            .execute(
+                                "UPDATE rowshift.repairs SET done_at = now(), rows_written = $2, rows_deleted = $3 WHERE id = $1",
+                                &[&id, &(written as i64), &(deleted as i64)],
+                            )
+                            .await
+                            .map_err(Error::db("record repair"))?;
+                    }
+                    if backfill_done == Some(None) {
+                        backfill_done = Some(carried.ack);
+                    }
+                    if let Some(lsn) = carried.ack {
+                        marks.push_back(Mark { lsn, ends: ends.clone(), ts_us: carried.ts_us });
+                    }
+                    ends_now = ends;
+                }
+                next = rx.next() => {
+                    let batch = next?.ok_or_else(|| Error::Replication("the replication stream ended".into()))?;
+                    recent.push(&batch.xids);
+                    let mut pending = Vec::new();
+                    let mut carried = Carried {
+                        ack: batch.ack,
+                        ts_us: batch.events.last().map(|e| e.commit_ts_us).or(batch.heartbeat_us),
+                        events: batch.events.len(),
+                        ..Carried::default()
+                    };
+                    let now_ms = now_us() / 1000;
+                    let mut marks_at = batch.watermarks.iter().peekable();
+                    for i in 0..=batch.events.len() {
+                        while let Some((_, id)) = marks_at.next_if(|(at, _)| *at <= i) {
+                            if let Some(at) = open.iter().position(|o| &o.chunk.id == id) {
+                                let o = open.remove(at);
+                                close_chunk(o, &schema, &encoder, &producer, &topic, &incarnation, last_lsn, &mut pending, &mut carried).await?;
+                            }
+                        }
+                        let Some(e) = batch.events.get(i) else { break };
+                        last_lsn = e.commit_lsn;
+                        for o in open.iter_mut() {
+                            o.chunk.observe(e, &key);
+                        }
+                        produce(e, false, now_ms, &schema, &encoder, &producer, &topic, &incarnation, &mut pending).await?;
+                    }
+                    if let Some(l) = batch_lag(&batch) {
+                        progress.stream(batch.events.len(), Some(l));
+                    }
+                    if !pending.is_empty() || carried.ack.is_some() || carried.chunk.is_some() || carried.repair.is_some() {
+                        inflight_tx
+                            .send(Inflight { pending, carried })
+                            .await
+                            .map_err(|_| Error::Replication("the kafka acker stopped".into()))?;
+                    }
+                }
+                joined = async { match applier.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+                    applier = None;
+                    match joined {
+                        Ok(Ok(())) => return Err(Error::Stopped("the applier stopped".into())),
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => return Err(Error::Replication(format!("the applier task failed: {e}"))),
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if !marks.is_empty() && last_refresh.elapsed() >= Duration::from_millis(10) {
+                last_refresh = Instant::now();
+                if let Some(m) = passed_marks(&control, &p.name, &mut marks).await? {
+                    let lag = m.ts_us.map(|ts| ((now_us() - ts) / 1000).max(0));
+                    let ckpt = apply_checkpoint(&p.name, epoch, false, Some(m.lsn), confirmed_events, lag);
+                    confirmed_events = 0;
+                    state::kafka::execute(&control, &ckpt).await?;
+                    let past_backfill = matches!(backfill_done, Some(Some(done)) if m.lsn >= done);
+                    if past_backfill {
+                        if !caught_up {
+                            caught_up = true;
+                            state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
+                            tracing::info!(pipeline = %p.name, "caught up; streaming continues");
+                        }
+                        if opts.exit_when_caught_up {
+                            progress.finish();
+                            return Ok(Exit::Done);
+                        }
+                    }
+                }
+            }
+            if last_control.elapsed() >= Duration::from_millis(500) {
+                last_control = Instant::now();
+                state::kafka::save_produced(&control, &p.name, &ends_now).await?;
+                let (exit, note) = control_tick(p, &control, false, &mut paused, throttled.as_deref()).await?;
+                if let Some(exit) = exit {
+                    return Ok(exit);
+                }
+                progress.draw(note.as_deref());
+            }
+        }
+    }
+    .await;
+    stop.cancel();
+    if let Some(h) = applier {
+        let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+    }
+    if tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .is_err()
+    {
+        tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
+    }
+    result
+}
+
+/// Pops the marks every partition has applied; returns the newest.
+async fn passed_marks(
+    control: &Client,
+    name: &str,
+    marks: &mut VecDeque<Mark>,
+) -> Result<Option<Mark>> {
+    let applied = state::kafka::applied(control, name).await?;
+    let mut newest = None;
+    while let Some(m) = marks.front() {
+        let passed = m
+            .ends
+            .iter()
+            .enumerate()
+            .all(|(part, end)| *end <= applied.get(&(part as i32)).copied().unwrap_or(0));
+        if !passed {
+            break;
+        }
+        newest = marks.pop_front();
+    }
+    Ok(newest)
+}
+
+/// Encodes one event and queues its records.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    e: &ChangeEvent,
+    snapshot: bool,
+    now_ms: i64,
+    schema: &TableSchema,
+    encoder: &Encoder,
+    producer: &Producer,
+    topic: &str,
+    incarnation: &str,
+    pending: &mut Vec<Pending>,
+) -> Result<()> {
+    if matches!(e.change, Change::Truncate) {
+        return Err(Error::Replication(format!(
+            "{} was truncated: a TRUNCATE cannot travel through the kafka transport (the change \
+             envelope has no row for it); `rowshift abort {}` and start the pipeline again",
+            schema.table, schema.name
+        )));
+    }
+    let records = schema.records(e, snapshot, now_ms).map_err(|r| {
+        Error::Replication(format!("cannot encode a change of {}: {r}", schema.table))
+    })?;
+    for r in records {
+        let (k, v) = encoder.encode(&r).await?;
+        pending.push(producer.queue(topic, &k, v.as_deref(), incarnation).await?);
+    }
+    Ok(())
+}
+
+/// Produces a chunk's remaining rows (op `r`) and deletes at its watermark.
+#[allow(clippy::too_many_arguments)]
+async fn close_chunk(
+    o: Open,
+    schema: &TableSchema,
+    encoder: &Encoder,
+    producer: &Producer,
+    topic: &str,
+    incarnation: &str,
+    lsn: Lsn,
+    pending: &mut Vec<Pending>,
+    carried: &mut Carried,
+) -> Result<()> {
+    let now = now_us();
+    let (cursor, done) = (o.chunk.cursor.clone(), o.chunk.done);
+    let (rows, deletes) = o.chunk.into_parts();
+    let n = rows.len();
+    for row in rows {
+        let e = ChangeEvent {
+            change: Change::Insert { new: row },
+            commit_lsn: lsn,
+            commit_ts_us: now,
+        };
+        produce(
+            &e,
+            true,
+            now / 1000,
+            schema,
+            encoder,
+            producer,
+            topic,
+            incarnation,
+            pending,
+        )
+        .await?;
+    }
+    let deleted = deletes.len();
+    for key in deletes {
+        let e = ChangeEvent {
+            change: Change::Delete { key },
+            commit_lsn: lsn,
+            commit_ts_us: now,
+        };
+        produce(
+            &e,
+            false,
+            now / 1000,
+            schema,
+            encoder,
+            producer,
+            topic,
+            incarnation,
+            pending,
+        )
+        .await?;
+    }
+    match o.repair {
+        Some(id) => carried.repair = Some((id, n, deleted)),
+        None => {
+            // Chunks close in the order they were read: the last one's
+            // cursor covers the earlier ones of this batch.
+            let before = carried
+                .chunk
+                .take()
+                .map(|c| (c.1, c.2))
+                .unwrap_or((false, 0));
+            carried.chunk = Some((cursor, done || before.0, n + before.1));
+        }
+    }
+    Ok(())
+}
+
+fn text_row(r: &tokio_postgres::Row) -> Row {
+    Row {
+        cells: (0..r.len())
+            .map(|i| crate::model::Cell::Present(r.get::<_, Option<String>>(i)))
+            .collect(),
+    }
+}
+
+fn text_key(r: &tokio_postgres::Row) -> Key {
+    Key((0..r.len())
+        .map(|i| r.get::<_, Option<String>>(i))
+        .collect())
+}
+
+fn refs(ps: &[Option<String>]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    ps.iter().map(|p| p as _).collect()
+}
+
+/// Reads rows (and, for repairs, orphan keys) in one snapshot, checks it
+/// against recently processed transactions, and writes the high watermark.
+/// `None` when the snapshot raced a transaction (read again later).
+async fn read_in_snapshot(
+    p: &Pipeline,
+    client: &Client,
+    rows: (&str, &[Option<String>]),
+    orphans: Option<(&str, &[Option<String>])>,
+    recent: &RecentXids,
+    id: &str,
+) -> Result<Option<(Vec<tokio_postgres::Row>, Vec<Key>)>> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(Error::db("begin chunk read"))?;
+    let read = async {
+        let snap: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(Error::db("read snapshot"))?
+            .get(0);
+        let rows = client
+            .query(rows.0, &refs(rows.1))
+            .await
+            .map_err(Error::db("read chunk"))?;
+        let orphans = match orphans {
+            Some((sql, params)) => client
+                .query(sql, &refs(params))
+                .await
+                .map_err(Error::db("read orphan keys"))?
+                .iter()
+                .map(text_key)
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok::<_, Error>((snap, rows, orphans))
+    }
+    .await;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(Error::db("end chunk read"))?;
+    let (snap, rows, orphans) = read?;
+    let snapshot = Snapshot::parse(&snap)
+        .ok_or_else(|| Error::State(format!("cannot parse snapshot {snap}")))?;
+    if recent.raced(&snapshot) {
+        tracing::debug!(pipeline = %p.name, "a chunk's snapshot missed a transaction already streamed; reading again");
+        return Ok(None);
+    }
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&super::apply_loop::watermark_prefix(&p.name), &id],
+        )
+        .await
+        .map_err(Error::db("write watermark"))?;
+    Ok(Some((rows, orphans)))
+}
+
+/// The next backfill chunk after `cursor`.
+async fn read_chunk(
+    p: &Pipeline,
+    client: &Client,
+    m: &crate::transform::Mapping,
+    (cursor, hi): (&Option<Key>, &Option<Key>),
+    recent: &RecentXids,
+    seq: u64,
+) -> Result<Option<Open>> {
+    let n = p.backfill.chunk_rows.max(1) as usize;
+    let sql = sql::source_rows(m, &p.source_table, cursor.is_some(), hi.is_some(), true);
+    let mut params = Key::range_params(cursor.as_ref(), hi.as_ref());
+    params.push(Some(n.to_string()));
+    let id = format!("chunk:{}:{seq}", std::process::id());
+    let Some((rows, _)) = read_in_snapshot(p, client, (&sql, &params), None, recent, &id).await?
+    else {
+        return Ok(None);
+    };
+    let rows: Vec<Row> = rows.iter().map(text_row).collect();
+    let done = rows.len() < n;
+    let next = rows
+        .last()
+        .and_then(|r| r.key(&m.source_key))
+        .or_else(|| cursor.clone());
+    Ok(Some(Open {
+        chunk: Chunk::new(id, rows, &m.source_key, next, done),
+        repair: None,
+    }))
+}
+
+/// The oldest queued `verify --repair` range, read like a chunk.
+async fn next_repair(
+    p: &Pipeline,
+    control: &Client,
+    client: &Client,
+    m: &crate::transform::Mapping,
+    recent: &RecentXids,
+    seq: u64,
+) -> Result<Option<Open>> {
+    let Some(r) = control
+        .query_opt(
+            "SELECT id, lo, hi FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL ORDER BY id LIMIT 1",
+            &[&p.name],
+        )
+        .await
+        .map_err(Error::db("read repair requests"))?
+    else {
+        return Ok(None);
+    };
+    let id: i64 = r.get(0);
+    let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
+    let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
+    let source = &p.source_table;
+    let rows_sql = sql::source_rows(m, source, lo.is_some(), hi.is_some(), false);
+    let orphans_sql = sql::orphan_keys(m, source, &p.target_table, lo.is_some(), hi.is_some());
+    let params = Key::range_params(lo.as_ref(), hi.as_ref());
+    let wm = format!("repair:{}:{seq}", std::process::id());
+    let Some((rows, orphans)) = read_in_snapshot(
+        p,
+        client,
+        (&rows_sql, &params),
+        Some((&orphans_sql, &params)),
+        recent,
+        &wm,
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let rows: Vec<Row> = rows.iter().map(text_row).collect();
+    Ok(Some(Open {
+        chunk: Chunk::new(wm, rows, &m.source_key, None, false).with_deletes(orphans),
+        repair: Some(id),
+    }))
+}
+
+/// The source's highest key (`None`: the table is empty).
+async fn highest_key(
+    client: &Client,
+    m: &crate::transform::Mapping,
+    source: &crate::spec::TableName,
+) -> Result<Option<Key>> {
+    let cols: Vec<String> = m
+        .source_key
+        .iter()
+        .map(|&i| {
+            format!(
+                "src.{}",
+                crate::spec::quote_ident(&m.source_columns[i].name)
+            )
+        })
+        .collect();
+    let text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
+    let desc: Vec<String> = cols.iter().map(|c| format!("{c} DESC")).collect();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {} FROM ONLY {} AS src ORDER BY {} LIMIT 1",
+                text.join(", "),
+                source.quoted(),
+                desc.join(", ")
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db("read the highest key"))?;
+    Ok(row.as_ref().map(text_key))
+}
+
+async fn estimated_source_rows(client: &Client, p: &Pipeline) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+            &[&p.source_table.quoted()],
+        )
+        .await
+        .map_err(Error::db("estimate rows"))?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,303 @@
+//! The backfill of the kafka transport: chunks of existing rows produced
+//! into the change stream itself, merged with it by watermarks (DBLog).
+//!
+//! With `direct`, the one applier copies chunks between two batches (see
+//! [`crate::backfill`]). Through Kafka the stream is split over partitions
+//! and applied by many processes, so no single place sits between "before"
+//! and "after". Instead the producer puts the chunk's rows into the stream,
+//! each at a position where it is the row's true state; every write of the
+//! target then comes from the partitioned stream, in per-key order, and any
+//! number of appliers can share it.
+//!
+//! # A chunk, step by step
+//! Let P be the stream position up to which the producer has processed
+//! changes when it starts a chunk.
+//! 1. In one REPEATABLE READ transaction it reads `pg_current_snapshot()`
+//!    (call it S) and the chunk: the next `n` source rows after the cursor,
+//!    in key order, as text.
+//! 2. It writes a high watermark H: a transactional logical message, which
+//!    commits after S was taken.
+//! 3. While it processes the stream from P to H, every key changed there is
+//!    dropped from the chunk ([`Chunk::observe`]); a TRUNCATE drops all.
+//! 4. At H it produces the remaining rows as `op: r` records, right after
+//!    the events before H and before any event after H.
+//!
+//! # Why that is correct
+//! A row R kept for key K was read in S. It must equal K's state at H.
+//! Changes to K that commit after H come after the `r` record in K's
+//! partition, so they are applied over it, in order. Changes that commit
+//! before H are of three kinds:
+//! - processed before P, and visible in S: R already reflects them;
+//! - between P and H: K was dropped (step 3), whether S saw them or not;
+//! - processed before P but *not* visible in S. PostgreSQL makes a
+//!   transaction visible slightly after its commit record is written, so a
+//!   transaction can in principle be decoded and streamed before a snapshot
+//!   taken later sees it. The producer keeps the ids of the transactions it
+//!   processed recently ([`RecentXids`]); if any of them is still running in
+//!   S ([`Snapshot::running`]), the chunk is read again.
+//!
+//! So a kept row is K's state at H, and K's later changes follow it. A
+//! dropped key's rows reach the target through the stream: inserts and
+//! updates carry the whole row, and an update that left a TOASTed column
+//! out (`unavailable`) makes the applier re-read the row from the source
+//! when the target lacks it, which is K's state at some point T after the
+//! event, with every change after T still to come. Deletes are never
+//! resurrected: a row deleted before H is either not in S (gone) or deleted
+//! between P and H (dropped).
+//!
+//! # Crashes
+//! The chunk's cursor is stored only after Kafka acknowledged every record
+//! up to and including its `r` records, together with the slot position of
+//! that batch. After a crash the stream replays from the slot and the chunk
+//! is read again; the records produced twice are the same states in the
+//! same per-key order, which the appliers apply idempotently.
+
+use crate::model::{Change, ChangeEvent, Key, Row};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A `pg_snapshot` (`xmin:xmax:xip,...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next() {
+            Some("") | None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        Some(Snapshot { xmin, xmax, xip })
+    }
+
+    /// True when the (32-bit, as pgoutput sends it) transaction id was still
+    /// running, or not yet started, for this snapshot: its changes are not in it.
+    pub fn running(&self, xid: u32) -> bool {
+        // Widen to 64 bits in the epoch of xmax (the xid cannot be more than
+        // 2^31 transactions away from it).
+        let epoch = self.xmax & !0xffff_ffff;
+        let mut full = epoch | xid as u64;
+        if full > self.xmax + (1 << 31) {
+            full = full.saturating_sub(1 << 32);
+        } else if full + (1 << 31) < self.xmax {
+            full += 1 << 32;
+        }
+        full >= self.xmax || self.xip.contains(&full)
+    }
+}
+
+/// Ids of the transactions the producer processed in the last minute.
+#[derive(Debug, Default)]
+pub struct RecentXids {
+    seen: VecDeque<(Instant, u32)>,
+}
+
+impl RecentXids {
+    const KEEP: Duration = Duration::from_secs(60);
+
+    pub fn push(&mut self, xids: &[u32]) {
+        let now = Instant::now();
+        self.seen.extend(xids.iter().map(|&x| (now, x)));
+        while self
+            .seen
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > Self::KEEP)
+        {
+            self.seen.pop_front();
+        }
+    }
+
+    /// True when a transaction already processed is not visible in `s`.
+    pub fn raced(&self, s: &Snapshot) -> bool {
+        self.seen.iter().any(|&(_, x)| s.running(x))
+    }
+}
+
+/// An open chunk: its rows, until the high watermark.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The content of its high watermark message.
+    pub id: String,
+    rows: HashMap<Key, Row>,
+    /// Keys to delete at the watermark (a repair's target rows the source
+    /// lacks), dropped like rows when changed before it.
+    deletes: HashSet<Key>,
+    /// The cursor after this chunk, and whether it ends the range.
+    pub cursor: Option<Key>,
+    pub done: bool,
+    /// Rows read, before dropping.
+    pub read: usize,
+}
+
+impl Chunk {
+    pub fn new(
+        id: String,
+        rows: Vec<Row>,
+        key: &[usize],
+        cursor: Option<Key>,
+        done: bool,
+    ) -> Chunk {
+        let read = rows.len();
+        let rows = rows
+            .into_iter()
+            .filter_map(|r| r.key(key).map(|k| (k, r)))
+            .collect();
+        Chunk {
+            id,
+            rows,
+            deletes: HashSet::new(),
+            cursor,
+            done,
+            read,
+        }
+    }
+
+    /// Adds keys to delete at the watermark.
+    pub fn with_deletes(mut self, keys: Vec<Key>) -> Chunk {
+        self.deletes.extend(keys);
+        self
+    }
+
+    fn drop_key(&mut self, k: &Key) {
+        self.rows.remove(k);
+        self.deletes.remove(k);
+    }
+
+    /// Drops the rows (and deletes) whose key this event changes.
+    pub fn observe(&mut self, e: &ChangeEvent, key: &[usize]) {
+        match &e.change {
+            Change::Insert { new } => {
+                if let Some(k) = new.key(key) {
+                    self.drop_key(&k);
+                }
+            }
+            Change::Update { old_key, new } => {
+                if let Some(k) = old_key {
+                    self.drop_key(k);
+                }
+                if let Some(k) = new.key(key) {
+                    self.drop_key(&k);
+                }
+            }
+            Change::Delete { key: k } => self.drop_key(k),
+            Change::Truncate => {
+                self.rows.clear();
+                self.deletes.clear();
+            }
+        }
+    }
+
+    /// The rows that are their keys' state at the high watermark, and the
+    /// keys that are absent there.
+    pub fn into_parts(self) -> (Vec<Row>, Vec<Key>) {
+        (
+            self.rows.into_values().collect(),
+            self.deletes.into_iter().collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Cell, Lsn};
+
+    fn row(id: &str, v: &str) -> Row {
+        Row {
+            cells: vec![
+                Cell::Present(Some(id.into())),
+                Cell::Present(Some(v.into())),
+            ],
+        }
+    }
+
+    fn at(change: Change) -> ChangeEvent {
+        ChangeEvent {
+            change,
+            commit_lsn: Lsn(1),
+            commit_ts_us: 0,
+        }
+    }
+
+    fn k(id: &str) -> Key {
+        Key(vec![Some(id.into())])
+    }
+
+    #[test]
+    fn keys_changed_before_the_watermark_are_dropped() {
+        let rows = (1..=6).map(|i| row(&i.to_string(), "old")).collect();
+        let mut c = Chunk::new("w".into(), rows, &[0], Some(k("6")), false).with_deletes(vec![
+            k("5"),
+            k("7"),
+            k("8"),
+        ]);
+        c.observe(&at(Change::Insert { new: row("1", "x") }), &[0]);
+        c.observe(
+            &at(Change::Update {
+                old_key: None,
+                new: Row {
+                    cells: vec![Cell::Present(Some("2".into())), Cell::Absent],
+                },
+            }),
+            &[0],
+        );
+        c.observe(
+            &at(Change::Update {
+                old_key: Some(k("3")),
+                new: row("4", "moved"),
+            }),
+            &[0],
+        );
+        c.observe(&at(Change::Delete { key: k("5") }), &[0]);
+        c.observe(
+            &at(Change::Insert {
+                new: row("99", "x"),
+            }),
+            &[0],
+        );
+        c.observe(&at(Change::Insert { new: row("8", "x") }), &[0]);
+        let (mut kept, mut deletes) = c.into_parts();
+        kept.sort_by_key(|r| r.key(&[0]));
+        deletes.sort();
+        assert_eq!(kept, vec![row("6", "old")]);
+        assert_eq!(
+            deletes,
+            vec![k("7")],
+            "5 and 8 changed before the watermark"
+        );
+    }
+
+    #[test]
+    fn a_truncate_drops_the_whole_chunk() {
+        let mut c = Chunk::new("w".into(), vec![row("1", "a")], &[0], None, true);
+        c.observe(&at(Change::Truncate), &[0]);
+        assert!(c.into_parts().0.is_empty());
+    }
+
+    #[test]
+    fn snapshots_parse_and_tell_running_transactions() {
+        let s = Snapshot::parse("100:105:100,103").unwrap();
+        assert!(s.running(100) && s.running(103) && s.running(105) && s.running(4000));
+        assert!(!s.running(101) && !s.running(104) && !s.running(99));
+        assert_eq!(Snapshot::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        assert!(Snapshot::parse("x:1:").is_none());
+        // Across a 32-bit wrap: xmax is in epoch 1, the xid just before it.
+        let s = Snapshot::parse("4294967290:4294967300:").unwrap();
+        assert!(!s.running(4294967295)); // 2^32 - 1, committed before
+        assert!(s.running(4)); // 2^32 + 4 = xmax
+        let mut recent = RecentXids::default();
+        recent.push(&[101, 104]);
+        assert!(!recent.raced(&Snapshot::parse("100:105:100,103").unwrap()));
+        recent.push(&[103]);
+        assert!(recent.raced(&Snapshot::parse("100:105:100,103").unwrap()));
+    }
+}

@@ -1,0 +1,226 @@
+//! Pipelines on the kafka transport against real brokers (tansu and
+//! noida-db) and the fixture registry: the consistency torture test with
+//! two appliers, stock clients reading the pipeline's topic, and the fault
+//! tests (an applier killed, the broker stopped for 20 s). Every check is a
+//! full comparison of the target with the mapped source.
+
+use crate::registry::Registry;
+use crate::support::*;
+use crate::workload::*;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
+const ITEMS: i64 = 20_000;
+
+fn kafka_items_pipeline(name: &str, brokers: &str, registry: &str, apply_in_run: bool) -> String {
+    format!(
+        "{}transport:\n  kind: kafka\n  kafka:\n    brokers: \"{brokers}\"\n    registry_url: \"{registry}\"\n    \
+         partitions: 4\n    apply_in_run: {apply_in_run}\n    properties: {{ client.id: rowshift-test }}\n",
+        items_pipeline(name, 1_000, 20_000, 1)
+    )
+}
+
+struct Writers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+async fn start_writers(db: &TestDb, seed: u64, n: u64) -> Writers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicI64::new(10_000_000));
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let c = db.client().await;
+        handles.push(tokio::spawn(write_randomly(
+            c,
+            seed * 100 + i,
+            stop.clone(),
+            next.clone(),
+            ITEMS,
+        )));
+    }
+    Writers { stop, handles }
+}
+
+impl Writers {
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for h in self.handles {
+            total += h.await.expect("writer");
+        }
+        total
+    }
+}
+
+async fn backfill_finished(c: &tokio_postgres::Client, name: &str) -> bool {
+    c.query_opt(
+        "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL",
+        &[&name],
+    )
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+async fn assert_same(c: &tokio_postgres::Client, target: &str) {
+    if let Some(d) = diff(c, ITEMS_MAPPED, target).await {
+        panic!("target {target} differs from the mapped source:\n{d}");
+    }
+    let n: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(n > ITEMS / 2, "compared a nearly empty table ({n} rows)");
+}
+
+fn status_json(db: &TestDb, name: &str) -> serde_json::Value {
+    let out = db.rowshift(&["status", name, "--output", "json"]);
+    assert!(out.status.success(), "status: {}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    list[0].clone()
+}
+
+/// The torture test through Kafka, with `rowshift run` and one more
+/// `rowshift apply` sharing the partitions; then `verify`, `status` and a
+/// stock consumer reading the whole topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_through_kafka_with_two_appliers() {
+    let registry = Registry::start();
+    let brokers = std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU");
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 10).await;
+    let name = format!("kitems_{}", db.tag);
+    let file = db.pipeline(
+        "items.yaml",
+        &kafka_items_pipeline(&name, &brokers, &registry.url, true),
+    );
+    let plan = db.rowshift(&["plan", file.to_str().expect("path")]);
+    assert!(plan.status.success(), "plan: {}", stderr(&plan));
+    let writers = start_writers(&db, 7, 3).await;
+    let mut run = db.spawn_run(&file, "run");
+    wait_for("the pipeline to start", Duration::from_secs(60), || async {
+        c.query_opt(
+            "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+    let mut apply = db.spawn(&["apply", file.to_str().expect("path")], "apply");
+    wait_for("the backfill to finish", Duration::from_secs(180), || {
+        backfill_finished(&c, &name)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let statements = writers.stop().await;
+    assert!(
+        statements > 300,
+        "the writers ran only {statements} statements"
+    );
+    wait_caught_up(&c, &name, Duration::from_secs(120)).await;
+    assert_same(&c, &name).await;
+
+    // Both processes applied some of the stream.
+    let appliers: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT applier) FROM rowshift.kafka_applied WHERE pipeline = $1",
+            &[&name],
+        )
+        .await
+        .expect("appliers")
+        .get(0);
+    assert!(appliers >= 1, "no applier recorded");
+
+    let verify = db.rowshift(&["verify", &name]);
+    assert!(
+        verify.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        stderr(&verify)
+    );
+
+    let status = status_json(&db, &name);
+    let parts = status["kafka"]
+        .as_array()
+        .expect("kafka partitions in status");
+    assert_eq!(parts.len(), 4);
+    let produced: i64 = parts
+        .iter()
+        .map(|p| p["produced"].as_i64().unwrap_or(0))
+        .sum();
+    assert!(produced as f64 >= ITEMS as f64 * 0.9, "produced {produced}");
+
+    // A stock consumer decodes every record of the pipeline's topic; the
+    // last record of each key is the key's current row (or its deletion).
+    let topic = format!("rowshift.{name}");
+    let out = std::process::Command::new(
+        std::env::var("ROWSHIFT_TEST_PYTHON").expect("ROWSHIFT_TEST_PYTHON"),
+    )
+    .arg(format!(
+        "{}/tests/python/decode_topic.py",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .args([
+        brokers.as_str(),
+        topic.as_str(),
+        registry.url.as_str(),
+        &produced.to_string(),
+    ])
+    .output()
+    .expect("python consumer");
+    assert!(out.status.success(), "python consumer: {}", stderr(&out));
+    let mut last: std::collections::HashMap<i64, serde_json::Value> = Default::default();
+    let mut ops = std::collections::BTreeSet::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).expect("json");
+        let id = rec["key"]["id"].as_i64().expect("key id");
+        if let Some(op) = rec["value"]["op"].as_str() {
+            ops.insert(op.to_string());
+        }
+        last.insert(id, rec["value"].clone());
+    }
+    for op in ["r", "c", "u", "d"] {
+        assert!(ops.contains(op), "no {op} record in the topic: {ops:?}");
+    }
+    let rows = c
+        .query("SELECT id, small FROM items", &[])
+        .await
+        .expect("rows");
+    let live: std::collections::HashMap<i64, Option<i32>> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for (id, value) in &last {
+        match live.get(id) {
+            Some(small) => {
+                assert_eq!(
+                    value["after"]["small"].as_i64(),
+                    small.map(i64::from),
+                    "key {id}: the topic's last record is not the row"
+                );
+            }
+            None => assert!(
+                value.is_null(),
+                "key {id} is deleted but its last record is {value}"
+            ),
+        }
+    }
+    assert_eq!(
+        last.values().filter(|v| !v.is_null()).count(),
+        live.len(),
+        "every live row has a record"
+    );
+
+    kill(&mut apply);
+    kill(&mut run);
+    let out = db.rowshift(&["abort", &name]);
+    assert!(out.status.success(), "abort: {}", stderr(&out));
+    assert_no_leftovers(&c, &name).await;
+}
