@@ -66,6 +66,21 @@ async fn backfill_finished(c: &tokio_postgres::Client, name: &str) -> bool {
     .is_some()
 }
 
+/// Waits until `rowshift run` has set up the topic's partitions.
+async fn wait_producing(c: &tokio_postgres::Client, name: &str) {
+    wait_for("the pipeline to start", Duration::from_secs(60), || async {
+        c.query_opt(
+            "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
+            &[&name],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+}
+
 async fn assert_same(c: &tokio_postgres::Client, target: &str) {
     if let Some(d) = diff(c, ITEMS_MAPPED, target).await {
         panic!("target {target} differs from the mapped source:\n{d}");
@@ -104,17 +119,7 @@ async fn torture_through_kafka_with_two_appliers() {
     assert!(plan.status.success(), "plan: {}", stderr(&plan));
     let writers = start_writers(&db, 7, 3).await;
     let mut run = db.spawn_run(&file, "run");
-    wait_for("the pipeline to start", Duration::from_secs(60), || async {
-        c.query_opt(
-            "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
-            &[&name],
-        )
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    })
-    .await;
+    wait_producing(&c, &name).await;
     let mut apply = db.spawn(&["apply", file.to_str().expect("path")], "apply");
     wait_for("the backfill to finish", Duration::from_secs(180), || {
         backfill_finished(&c, &name)
@@ -314,17 +319,7 @@ async fn fault(stop_broker: bool) {
     let path = file.to_str().expect("path");
     let writers = start_writers(&db, 11, 2).await;
     let mut run = db.spawn_run(&file, "run");
-    wait_for("the pipeline to start", Duration::from_secs(60), || async {
-        c.query_opt(
-            "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
-            &[&name],
-        )
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    })
-    .await;
+    wait_producing(&c, &name).await;
     let mut first = db.spawn(&["apply", path], "apply-1");
     let mut second = db.spawn(&["apply", path], "apply-2");
     wait_for("the backfill to finish", Duration::from_secs(180), || {
