@@ -11,8 +11,8 @@ use crate::model::{now_us, Batch, Checkpoint, Key, Lsn};
 use crate::sink::postgres::parallel::ParallelSink;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
-use crate::source::postgres::replication::{self, ReaderConfig};
-use crate::spec::{Pipeline, TableName, Transport};
+use crate::source::postgres::replication::{self, AckFn, ReaderConfig};
+use crate::spec::{Pipeline, TableName};
 use crate::state::{self, apply_checkpoint, fence_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
 use crate::transport::direct;
@@ -59,37 +59,11 @@ pub async fn run(
 ) -> Result<Exit> {
     let mapping = stream.mapping.clone();
     let direction = if stream.reverse { "reverse" } else { "forward" };
-    let Transport {
-        batch_events,
-        queue_batches,
-        linger_ms,
-        apply_workers,
-        ..
-    } = p.transport;
+    let apply_workers = p.transport.apply_workers;
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
 
-    spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
-    let reader = ReaderConfig {
-        dsn: dsn.to_string(),
-        slot: stream.slot.clone(),
-        publication: stream.publication.clone(),
-        start_lsn: stream.start_lsn,
-        columns: Arc::new(
-            mapping
-                .source_columns
-                .iter()
-                .map(|c| c.name.clone())
-                .collect(),
-        ),
-        key_positions: mapping.source_key.clone(),
-        heartbeat_prefix: heartbeat_prefix(&p.name),
-        watermark_prefix: watermark_prefix(&p.name),
-    };
-    // The queue holds at most `queue_batches` batches' worth of changes.
-    let capacity = batch_events.saturating_mul(queue_batches).max(1);
-    let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
-    let mut rx = direct::Receiver::new(source_rx, batch_events, Duration::from_millis(linger_ms));
+    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone()).await?;
 
     let mut sinks = Vec::new();
     for _ in 0..apply_workers.max(1) {
@@ -227,6 +201,44 @@ pub async fn run(
         tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
     }
     result
+}
+
+/// Starts a stream's source side: the heartbeat writer, the replication
+/// reader and the batching queue behind it (at most `queue_batches`
+/// batches' worth of changes wait in it).
+pub(super) async fn start_source(
+    p: &Pipeline,
+    dsn: &str,
+    stream: &Stream,
+    stop: CancellationToken,
+) -> Result<(direct::Receiver, AckFn, tokio::task::JoinHandle<()>)> {
+    spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
+    let mapping = &stream.mapping;
+    let reader = ReaderConfig {
+        dsn: dsn.to_string(),
+        slot: stream.slot.clone(),
+        publication: stream.publication.clone(),
+        start_lsn: stream.start_lsn,
+        columns: Arc::new(
+            mapping
+                .source_columns
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        ),
+        key_positions: mapping.source_key.clone(),
+        heartbeat_prefix: heartbeat_prefix(&p.name),
+        watermark_prefix: watermark_prefix(&p.name),
+    };
+    let t = &p.transport;
+    let capacity = t.batch_events.saturating_mul(t.queue_batches).max(1);
+    let (source_rx, ack, reader) = replication::start(reader, stop, capacity).await?;
+    let rx = direct::Receiver::new(
+        source_rx,
+        t.batch_events,
+        Duration::from_millis(t.linger_ms),
+    );
+    Ok((rx, ack, reader))
 }
 
 /// The twice-a-second look at the operator's wishes: a direction switch or

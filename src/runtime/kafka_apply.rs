@@ -135,11 +135,13 @@ async fn apply(
     polled: &Polled,
     positions: &mut HashMap<i32, i64>,
 ) -> Result<()> {
-    for attempt in 0..20 {
+    'attempt: for attempt in 0..20 {
         let mut parts: BTreeMap<i32, PartBatch> = BTreeMap::new();
         let mut events: Vec<ChangeEvent> = Vec::new();
         for item in &polled.items {
             let Some(&stored) = positions.get(&item.partition) else {
+                // A partition this process has not seen yet (the topic grew,
+                // or the producer created its row after we loaded).
                 *positions = state::kafka::applied(control, &p.name).await?;
                 if !positions.contains_key(&item.partition) {
                     return Err(Error::State(format!(
@@ -148,7 +150,7 @@ async fn apply(
                         p.kafka_topic()
                     )));
                 }
-                return Box::pin(apply(p, control, sink, me, polled, positions)).await;
+                continue 'attempt;
             };
             if item.offset < stored {
                 continue; // applied before (a redelivery)

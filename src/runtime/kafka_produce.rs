@@ -24,24 +24,21 @@
 //! [`crate::transport::kafka::snapshot`]; `verify --repair` ranges go the
 //! same way, with deletes for target rows the source lacks.
 
-use super::apply_loop::{batch_lag, control_tick, estimated, spawn_heartbeat, Stream};
+use super::apply_loop::{batch_lag, control_tick, estimated, start_source, Stream};
+use super::kafka_chunks::{next_repair, read_chunk, Open, MAX_OPEN};
 use super::progress::Progress;
 use super::{kafka_apply, Exit, RunOptions};
 use crate::backfill::throttle::Throttler;
 use crate::error::{Error, Result};
-use crate::model::{now_us, Change, ChangeEvent, Key, Lsn, Row};
-use crate::sink::postgres::sql;
+use crate::model::{now_us, Change, ChangeEvent, Key, Lsn};
 use crate::source::postgres::connect;
-use crate::source::postgres::replication::{self, ReaderConfig};
 use crate::spec::Pipeline;
-use crate::state::{self, apply_checkpoint, chunk_checkpoint, Phase, PipelineRecord, RangeRecord};
-use crate::transport::direct;
+use crate::state::{self, apply_checkpoint, chunk_checkpoint, Phase, PipelineRecord};
 use crate::transport::kafka::codec::Encoder;
 use crate::transport::kafka::envelope::TableSchema;
 use crate::transport::kafka::producer::{ensure_topic, Pending, Producer};
-use crate::transport::kafka::snapshot::{Chunk, RecentXids, Snapshot};
+use crate::transport::kafka::snapshot::RecentXids;
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
@@ -71,16 +68,6 @@ struct Mark {
     lsn: Lsn,
     ends: Vec<i64>,
     ts_us: Option<i64>,
-}
-
-/// Chunks read and waiting for their watermarks at most: each costs a trip
-/// through the replication stream, so several overlap.
-const MAX_OPEN: usize = 4;
-
-/// An open chunk, and the repair request it serves (if any).
-struct Open {
-    chunk: Chunk,
-    repair: Option<i64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -130,31 +117,7 @@ pub async fn run(
         None
     };
 
-    spawn_heartbeat(dsn, super::heartbeat_prefix(&p.name), stop.clone()).await?;
-    let reader = ReaderConfig {
-        dsn: dsn.to_string(),
-        slot: stream.slot.clone(),
-        publication: stream.publication.clone(),
-        start_lsn: stream.start_lsn,
-        columns: Arc::new(
-            mapping
-                .source_columns
-                .iter()
-                .map(|c| c.name.clone())
-                .collect(),
-        ),
-        key_positions: key.clone(),
-        heartbeat_prefix: super::heartbeat_prefix(&p.name),
-        watermark_prefix: super::apply_loop::watermark_prefix(&p.name),
-    };
-    let t = &p.transport;
-    let capacity = t.batch_events.saturating_mul(t.queue_batches).max(1);
-    let (source_rx, ack, reader) = replication::start(reader, stop.clone(), capacity).await?;
-    let mut rx = direct::Receiver::new(
-        source_rx,
-        t.batch_events,
-        Duration::from_millis(t.linger_ms),
-    );
+    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone()).await?;
 
     // The acker: awaits acknowledgements in order.
     let (inflight_tx, mut inflight_rx) = mpsc::channel::<Inflight>(64);
@@ -188,37 +151,11 @@ pub async fn run(
     });
 
     let snap_client = connect(dsn, "snapshot").await?;
-    if !record.ranges_planned {
-        let mut c = connect(dsn, "plan").await?;
-        let estimate = estimated_source_rows(&c, p).await?;
-        c.execute(
-            "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
-            &[&p.name, &estimate],
-        )
-        .await
-        .map_err(Error::db("store estimate"))?;
-        // Rows inserted after this point arrive through the stream: the
-        // backfill stops at today's highest key instead of chasing inserts.
-        let hi = highest_key(&c, &mapping, &p.source_table).await?;
-        let whole = RangeRecord {
-            range_no: 0,
-            lo: None,
-            done: hi.is_none(),
-            hi,
-            cursor: None,
-            rows_copied: 0,
-            chunks_done: 0,
-        };
-        state::save_ranges(&mut c, &p.name, &[whole]).await?;
-    }
     let mut range = state::load_ranges(&control, &p.name)
         .await?
         .into_iter()
         .next()
         .ok_or_else(|| Error::State("the backfill range vanished".into()))?;
-    if stream.reverse {
-        range.done = true;
-    }
     if !range.done && record.phase != Phase::Backfilling.as_str() {
         state::set_phase(&control, &p.name, Phase::Backfilling, None).await?;
     }
@@ -541,201 +478,4 @@ async fn close_chunk(
         }
     }
     Ok(())
-}
-
-fn text_row(r: &tokio_postgres::Row) -> Row {
-    Row {
-        cells: (0..r.len())
-            .map(|i| crate::model::Cell::Present(r.get::<_, Option<String>>(i)))
-            .collect(),
-    }
-}
-
-fn text_key(r: &tokio_postgres::Row) -> Key {
-    Key((0..r.len())
-        .map(|i| r.get::<_, Option<String>>(i))
-        .collect())
-}
-
-fn refs(ps: &[Option<String>]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-    ps.iter().map(|p| p as _).collect()
-}
-
-/// Reads rows (and, for repairs, orphan keys) in one snapshot, checks it
-/// against recently processed transactions, and writes the high watermark.
-/// `None` when the snapshot raced a transaction (read again later).
-async fn read_in_snapshot(
-    p: &Pipeline,
-    client: &Client,
-    rows: (&str, &[Option<String>]),
-    orphans: Option<(&str, &[Option<String>])>,
-    recent: &RecentXids,
-    id: &str,
-) -> Result<Option<(Vec<tokio_postgres::Row>, Vec<Key>)>> {
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(Error::db("begin chunk read"))?;
-    let read = async {
-        let snap: String = client
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await
-            .map_err(Error::db("read snapshot"))?
-            .get(0);
-        let rows = client
-            .query(rows.0, &refs(rows.1))
-            .await
-            .map_err(Error::db("read chunk"))?;
-        let orphans = match orphans {
-            Some((sql, params)) => client
-                .query(sql, &refs(params))
-                .await
-                .map_err(Error::db("read orphan keys"))?
-                .iter()
-                .map(text_key)
-                .collect(),
-            None => Vec::new(),
-        };
-        Ok::<_, Error>((snap, rows, orphans))
-    }
-    .await;
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(Error::db("end chunk read"))?;
-    let (snap, rows, orphans) = read?;
-    let snapshot = Snapshot::parse(&snap)
-        .ok_or_else(|| Error::State(format!("cannot parse snapshot {snap}")))?;
-    if recent.raced(&snapshot) {
-        tracing::debug!(pipeline = %p.name, "a chunk's snapshot missed a transaction already streamed; reading again");
-        return Ok(None);
-    }
-    client
-        .execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&super::apply_loop::watermark_prefix(&p.name), &id],
-        )
-        .await
-        .map_err(Error::db("write watermark"))?;
-    Ok(Some((rows, orphans)))
-}
-
-/// The next backfill chunk after `cursor`.
-async fn read_chunk(
-    p: &Pipeline,
-    client: &Client,
-    m: &crate::transform::Mapping,
-    (cursor, hi): (&Option<Key>, &Option<Key>),
-    recent: &RecentXids,
-    seq: u64,
-) -> Result<Option<Open>> {
-    let n = p.backfill.chunk_rows.max(1) as usize;
-    let sql = sql::source_rows(m, &p.source_table, cursor.is_some(), hi.is_some(), true);
-    let mut params = Key::range_params(cursor.as_ref(), hi.as_ref());
-    params.push(Some(n.to_string()));
-    let id = format!("chunk:{}:{seq}", std::process::id());
-    let Some((rows, _)) = read_in_snapshot(p, client, (&sql, &params), None, recent, &id).await?
-    else {
-        return Ok(None);
-    };
-    let rows: Vec<Row> = rows.iter().map(text_row).collect();
-    let done = rows.len() < n;
-    let next = rows
-        .last()
-        .and_then(|r| r.key(&m.source_key))
-        .or_else(|| cursor.clone());
-    Ok(Some(Open {
-        chunk: Chunk::new(id, rows, &m.source_key, next, done),
-        repair: None,
-    }))
-}
-
-/// The oldest queued `verify --repair` range, read like a chunk.
-async fn next_repair(
-    p: &Pipeline,
-    control: &Client,
-    client: &Client,
-    m: &crate::transform::Mapping,
-    recent: &RecentXids,
-    seq: u64,
-) -> Result<Option<Open>> {
-    let Some(r) = control
-        .query_opt(
-            "SELECT id, lo, hi FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL ORDER BY id LIMIT 1",
-            &[&p.name],
-        )
-        .await
-        .map_err(Error::db("read repair requests"))?
-    else {
-        return Ok(None);
-    };
-    let id: i64 = r.get(0);
-    let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
-    let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
-    let source = &p.source_table;
-    let rows_sql = sql::source_rows(m, source, lo.is_some(), hi.is_some(), false);
-    let orphans_sql = sql::orphan_keys(m, source, &p.target_table, lo.is_some(), hi.is_some());
-    let params = Key::range_params(lo.as_ref(), hi.as_ref());
-    let wm = format!("repair:{}:{seq}", std::process::id());
-    let Some((rows, orphans)) = read_in_snapshot(
-        p,
-        client,
-        (&rows_sql, &params),
-        Some((&orphans_sql, &params)),
-        recent,
-        &wm,
-    )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let rows: Vec<Row> = rows.iter().map(text_row).collect();
-    Ok(Some(Open {
-        chunk: Chunk::new(wm, rows, &m.source_key, None, false).with_deletes(orphans),
-        repair: Some(id),
-    }))
-}
-
-/// The source's highest key (`None`: the table is empty).
-async fn highest_key(
-    client: &Client,
-    m: &crate::transform::Mapping,
-    source: &crate::spec::TableName,
-) -> Result<Option<Key>> {
-    let cols: Vec<String> = m
-        .source_key
-        .iter()
-        .map(|&i| {
-            format!(
-                "src.{}",
-                crate::spec::quote_ident(&m.source_columns[i].name)
-            )
-        })
-        .collect();
-    let text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-    let desc: Vec<String> = cols.iter().map(|c| format!("{c} DESC")).collect();
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT {} FROM ONLY {} AS src ORDER BY {} LIMIT 1",
-                text.join(", "),
-                source.quoted(),
-                desc.join(", ")
-            ),
-            &[],
-        )
-        .await
-        .map_err(Error::db("read the highest key"))?;
-    Ok(row.as_ref().map(text_key))
-}
-
-async fn estimated_source_rows(client: &Client, p: &Pipeline) -> Result<i64> {
-    let row = client
-        .query_one(
-            "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
-            &[&p.source_table.quoted()],
-        )
-        .await
-        .map_err(Error::db("estimate rows"))?;
-    Ok(row.get(0))
 }

@@ -13,6 +13,7 @@
 mod apply_loop;
 pub mod control;
 pub mod kafka_apply;
+mod kafka_chunks;
 mod kafka_produce;
 mod progress;
 
@@ -174,6 +175,10 @@ async fn run_forward(
     let mapping = Arc::new(checked.mapping.clone());
     if p.transport.kafka.is_some() {
         let schema = kafka_apply::table_schema(p, checked, control).await?;
+        if !record.ranges_planned {
+            store_estimate(control, p, checked).await?;
+            kafka_chunks::plan_range(control, p, &mapping).await?;
+        }
         let stream = Stream {
             reverse: false,
             slot: p.slot_name(),
@@ -198,14 +203,7 @@ async fn run_forward(
             Role::Copy,
         )
         .await?;
-        let estimate = estimate_rows(control, checked, &p.source_table).await?;
-        control
-            .execute(
-                "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
-                &[&p.name, &estimate],
-            )
-            .await
-            .map_err(Error::db("store estimate"))?;
+        let estimate = store_estimate(control, p, checked).await?;
         let ranges = plan_ranges(&mut sink, p.backfill.workers, estimate).await?;
         state::save_ranges(control, &p.name, &ranges).await?;
     }
@@ -373,6 +371,19 @@ pub fn slot_sql(p: &Pipeline) -> String {
         "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
         quote_literal(&p.slot_name())
     )
+}
+
+/// Estimates the source's rows (for progress and ETA) and stores the figure.
+async fn store_estimate(control: &Client, p: &Pipeline, checked: &Checked) -> Result<i64> {
+    let estimate = estimate_rows(control, checked, &p.source_table).await?;
+    control
+        .execute(
+            "UPDATE rowshift.pipelines SET rows_estimated = $2 WHERE name = $1",
+            &[&p.name, &estimate],
+        )
+        .await
+        .map_err(Error::db("store estimate"))?;
+    Ok(estimate)
 }
 
 async fn estimate_rows(

@@ -4,45 +4,10 @@
 
 use crate::support::*;
 use crate::workload::*;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
 const ITEMS: i64 = 50_000;
-
-struct Writers {
-    stop: Arc<AtomicBool>,
-    handles: Vec<tokio::task::JoinHandle<u64>>,
-}
-
-async fn start_writers(db: &TestDb, seed: u64, n: u64) -> Writers {
-    let stop = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicI64::new(10_000_000 + seed as i64 * 1_000_000));
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let c = db.client().await;
-        handles.push(tokio::spawn(write_randomly(
-            c,
-            seed * 100 + i,
-            stop.clone(),
-            next.clone(),
-            ITEMS,
-        )));
-    }
-    Writers { stop, handles }
-}
-
-impl Writers {
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut total = 0;
-        for h in self.handles {
-            total += h.await.expect("writer");
-        }
-        total
-    }
-}
 
 async fn phase(c: &tokio_postgres::Client, name: &str) -> (String, i64, bool) {
     let r = c
@@ -88,7 +53,7 @@ async fn torture(seed: u64) {
     let (iname, pname) = (format!("items_{}", db.tag), format!("pairs_{}", db.tag));
     let items = db.pipeline("items.yaml", &items_pipeline(&iname, 700, 25_000, 2));
     let pairs = db.pipeline("pairs.yaml", &pairs_pipeline(&pname));
-    let writers = start_writers(&db, seed, 3).await;
+    let writers = start_writers(&db, seed, 3, ITEMS).await;
     let mut run_items = db.spawn_run(&items, "items");
     let mut run_pairs = db.spawn_run(&pairs, "pairs");
     // Writes run during the whole backfill and for a while after it.
@@ -157,7 +122,7 @@ async fn crash_during_backfill_and_streaming() {
     create_tables(&c, ITEMS, 500).await;
     let name = format!("crash_{}", db.tag);
     let items = db.pipeline("items.yaml", &items_pipeline(&name, 500, 8_000, 2));
-    let writers = start_writers(&db, 7, 2).await;
+    let writers = start_writers(&db, 7, 2, ITEMS).await;
 
     let mut run = db.spawn_run(&items, "1");
     wait_for("some chunks copied", Duration::from_secs(60), || async {
@@ -222,7 +187,7 @@ async fn connections_terminated_mid_stream_are_resumed() {
     create_tables(&c, 5_000, 100).await;
     let name = format!("term_{}", db.tag);
     let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
-    let writers = start_writers(&db, 11, 2).await;
+    let writers = start_writers(&db, 11, 2, ITEMS).await;
     let mut run = db.spawn_run(&items, "1");
     wait_for("caught up", Duration::from_secs(60), || async {
         exists(&c).await && phase(&c, &name).await.0 == "caught_up"

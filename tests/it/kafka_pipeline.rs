@@ -7,8 +7,6 @@
 use crate::registry::Registry;
 use crate::support::*;
 use crate::workload::*;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
@@ -20,39 +18,6 @@ fn kafka_items_pipeline(name: &str, brokers: &str, registry: &str, apply_in_run:
          partitions: 4\n    apply_in_run: {apply_in_run}\n    properties: {{ client.id: rowshift-test }}\n",
         items_pipeline(name, 1_000, 20_000, 1)
     )
-}
-
-struct Writers {
-    stop: Arc<AtomicBool>,
-    handles: Vec<tokio::task::JoinHandle<u64>>,
-}
-
-async fn start_writers(db: &TestDb, seed: u64, n: u64) -> Writers {
-    let stop = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicI64::new(10_000_000));
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let c = db.client().await;
-        handles.push(tokio::spawn(write_randomly(
-            c,
-            seed * 100 + i,
-            stop.clone(),
-            next.clone(),
-            ITEMS,
-        )));
-    }
-    Writers { stop, handles }
-}
-
-impl Writers {
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut total = 0;
-        for h in self.handles {
-            total += h.await.expect("writer");
-        }
-        total
-    }
 }
 
 async fn backfill_finished(c: &tokio_postgres::Client, name: &str) -> bool {
@@ -117,7 +82,7 @@ async fn torture_through_kafka_with_two_appliers() {
     );
     let plan = db.rowshift(&["plan", file.to_str().expect("path")]);
     assert!(plan.status.success(), "plan: {}", stderr(&plan));
-    let writers = start_writers(&db, 7, 3).await;
+    let writers = start_writers(&db, 7, 3, ITEMS).await;
     let mut run = db.spawn_run(&file, "run");
     wait_producing(&c, &name).await;
     let mut apply = db.spawn(&["apply", file.to_str().expect("path")], "apply");
@@ -317,7 +282,7 @@ async fn fault(stop_broker: bool) {
         &kafka_items_pipeline(&name, &brokers, &registry.url, false),
     );
     let path = file.to_str().expect("path");
-    let writers = start_writers(&db, 11, 2).await;
+    let writers = start_writers(&db, 11, 2, ITEMS).await;
     let mut run = db.spawn_run(&file, "run");
     wait_producing(&c, &name).await;
     let mut first = db.spawn(&["apply", path], "apply-1");

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::Client;
 
+use crate::support::TestDb;
+
 /// `items`: bigint key, TOASTed text (STORAGE EXTERNAL, > 4 kB for some rows),
 /// NULLs, jsonb, numeric, timestamptz, int[], bytea. `pairs`: a composite key
 /// with a text column first.
@@ -127,4 +129,40 @@ pub async fn write_randomly(
         done += 1;
     }
     done
+}
+
+/// `n` random writers on `items` (keys below `max_id`; new keys from a
+/// range of their own per seed), until stopped.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+pub async fn start_writers(db: &TestDb, seed: u64, n: u64, max_id: i64) -> Writers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicI64::new(10_000_000 + seed as i64 * 1_000_000));
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let c = db.client().await;
+        handles.push(tokio::spawn(write_randomly(
+            c,
+            seed * 100 + i,
+            stop.clone(),
+            next.clone(),
+            max_id,
+        )));
+    }
+    Writers { stop, handles }
+}
+
+impl Writers {
+    /// Stops the writers; returns the statements they ran.
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for h in self.handles {
+            total += h.await.expect("writer");
+        }
+        total
+    }
 }

@@ -168,31 +168,3 @@ pub async fn ensure_topic(
     }
     Ok(())
 }
-
-/// Deletes the topic (abort); a missing topic is not an error.
-pub async fn delete_topic(brokers: &str, passthrough: &Passthrough, topic: &str) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        config(brokers, passthrough)
-            .create()
-            .map_err(|e| Error::Config {
-                reason: format!("kafka admin client: {e}"),
-            })?;
-    let results = admin
-        .delete_topics(
-            &[topic],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .map_err(|e| Error::Replication(format!("delete kafka topic {topic}: {e}")))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((t, code)) => {
-                return Err(Error::Replication(format!(
-                    "delete kafka topic {t}: {code}"
-                )))
-            }
-        }
-    }
-    Ok(())
-}
