@@ -194,13 +194,24 @@ pub async fn run(
     }
     .await;
     stop.cancel();
+    stop_source(&p.name, rx, reader).await;
+    result
+}
+
+/// Waits for a cancelled source to let go of the slot. Its queue goes
+/// first: a reader blocked on a full queue stops once nobody reads it.
+pub(super) async fn stop_source(
+    name: &str,
+    rx: direct::Receiver,
+    reader: tokio::task::JoinHandle<()>,
+) {
+    drop(rx);
     if tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .is_err()
     {
-        tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
+        tracing::warn!(pipeline = %name, "the replication reader did not stop within 10 s");
     }
-    result
 }
 
 /// Starts a stream's source side: the heartbeat writer, the replication

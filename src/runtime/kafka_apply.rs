@@ -10,6 +10,16 @@
 //! not applied twice, and two processes that briefly hold the same partition
 //! cannot both apply it (the second finds the position moved, reloads it and
 //! goes on from there). Per key, order is the partition's order.
+//!
+//! Skipping what lies below a stored position is only right if this
+//! consumer has read the partition without a gap from at or below that
+//! position. A member's read position comes from the group's committed
+//! offset, which trails the stored position, except after a *rewind* (a
+//! broker lost acknowledged records and reuses their offsets; see
+//! [`state::kafka::rewind`]). So each applier tracks, per partition, the
+//! offset from which its consumer has read without a gap ([`Reach`]), and
+//! seeks back to the stored position when that lies higher, or when the
+//! position's rewind count changed since.
 
 use super::Exit;
 use crate::error::{Error, Result};
@@ -18,7 +28,7 @@ use crate::preflight::Checked;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::spec::Pipeline;
-use crate::state::kafka::PartBatch;
+use crate::state::kafka::{PartBatch, Position};
 use crate::state::{self, Desired};
 use crate::transform::Mapping;
 use crate::transport::kafka::consumer::{Consumer, Polled};
@@ -80,6 +90,7 @@ pub async fn run(
     .await?;
     let me = format!("pid {}", std::process::id());
     let mut positions = state::kafka::applied(&control, &p.name).await?;
+    let mut reach = Reach::default();
     let mut last_check: Option<Instant> = None;
     let mut forward = true;
     tracing::info!(pipeline = %p.name, topic = %p.kafka_topic(), group = %p.kafka_group(), "applying from kafka");
@@ -98,15 +109,93 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             }
         }
-        let polled = tokio::select! {
+        let mut polled = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,
         };
-        if polled.items.is_empty() {
-            continue;
+        reach.assigned(&consumer.take_assigned());
+        reach.read(&polled);
+        loop {
+            for (part, at) in reach.behind(&polled, &positions) {
+                tracing::info!(pipeline = %p.name, partition = part, offset = at, "reading the partition again from its stored position");
+                consumer.seek(part, at)?;
+                reach.sought(part, at, positions.get(&part).map_or(0, |p| p.rewinds));
+                polled.items.retain(|i| i.partition != part);
+                polled.next.retain(|(_, q), _| *q != part);
+            }
+            if polled.items.is_empty() {
+                break;
+            }
+            if apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach).await? {
+                consumer.commit(&polled.next, false)?;
+                break;
+            }
         }
-        apply(p, &control, &mut sink, &me, &polled, &mut positions).await?;
-        consumer.commit(&polled.next, false)?;
+    }
+}
+
+/// Per partition, the offset from which this consumer has read without a
+/// gap, the next offset it expects, and the stored position's rewind count
+/// when that offset was established.
+#[derive(Debug, Default)]
+struct Reach {
+    from: HashMap<i32, (i64, Option<i64>)>,
+    next: HashMap<i32, i64>,
+}
+
+impl Reach {
+    /// Newly assigned partitions start wherever the group's offset says.
+    fn assigned(&mut self, parts: &[i32]) {
+        for part in parts {
+            self.from.remove(part);
+            self.next.remove(part);
+        }
+    }
+
+    /// Follows a poll: a partition read for the first time, or read from an
+    /// earlier offset than expected (the consumer reset), starts anew.
+    fn read(&mut self, polled: &Polled) {
+        for item in &polled.items {
+            let contiguous = self
+                .next
+                .get(&item.partition)
+                .is_some_and(|&n| item.offset >= n);
+            if !contiguous {
+                self.from.insert(item.partition, (item.offset, None));
+            }
+            self.next.insert(item.partition, item.offset + 1);
+        }
+    }
+
+    /// The partitions of `polled` to read again from their stored position.
+    fn behind(&mut self, polled: &Polled, positions: &HashMap<i32, Position>) -> Vec<(i32, i64)> {
+        let mut out: Vec<(i32, i64)> = Vec::new();
+        for item in &polled.items {
+            let Some(stored) = positions.get(&item.partition) else {
+                continue;
+            };
+            let Some((from, rewinds)) = self.from.get_mut(&item.partition) else {
+                continue;
+            };
+            let seen = *rewinds.get_or_insert(stored.rewinds);
+            let behind = *from > stored.next || seen != stored.rewinds;
+            if behind && !out.iter().any(|(p, _)| *p == item.partition) {
+                out.push((item.partition, stored.next));
+            }
+        }
+        out
+    }
+
+    /// A position this consumer read from was moved back since.
+    fn rewound(&self, positions: &HashMap<i32, Position>) -> bool {
+        self.from.iter().any(|(part, (_, seen))| {
+            matches!((seen, positions.get(part)), (Some(seen), Some(p)) if *seen != p.rewinds)
+        })
+    }
+
+    fn sought(&mut self, part: i32, at: i64, rewinds: i64) {
+        self.from.insert(part, (at, Some(rewinds)));
+        self.next.insert(part, at);
     }
 }
 
@@ -127,22 +216,27 @@ async fn wanted(control: &Client, name: &str) -> Result<Option<Exit>> {
 
 /// Applies one poll: the records at or past each partition's stored
 /// position, with the claim of those positions in the same transaction.
+/// `false`: a position was rewound meanwhile; screen the poll again.
 async fn apply(
     p: &Pipeline,
     control: &Client,
     sink: &mut PgSink,
     me: &str,
     polled: &Polled,
-    positions: &mut HashMap<i32, i64>,
-) -> Result<()> {
+    positions: &mut HashMap<i32, Position>,
+    reach: &Reach,
+) -> Result<bool> {
     'attempt: for attempt in 0..20 {
         let mut parts: BTreeMap<i32, PartBatch> = BTreeMap::new();
         let mut events: Vec<ChangeEvent> = Vec::new();
         for item in &polled.items {
-            let Some(&stored) = positions.get(&item.partition) else {
+            let Some(stored) = positions.get(&item.partition).map(|p| p.next) else {
                 // A partition this process has not seen yet (the topic grew,
                 // or the producer created its row after we loaded).
                 *positions = state::kafka::applied(control, &p.name).await?;
+                if reach.rewound(positions) {
+                    return Ok(false);
+                }
                 if !positions.contains_key(&item.partition) {
                     return Err(Error::State(format!(
                         "partition {} of {} has no stored position; has `rowshift run` started producing?",
@@ -168,7 +262,7 @@ async fn apply(
             }
         }
         if parts.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let lag = events
             .last()
@@ -178,9 +272,11 @@ async fn apply(
         match sink.apply_claimed(events, &claim).await {
             Ok(_) => {
                 for b in batch {
-                    positions.insert(b.part, b.next);
+                    if let Some(pos) = positions.get_mut(&b.part) {
+                        pos.next = b.next;
+                    }
                 }
-                return Ok(());
+                return Ok(true);
             }
             Err(e) if moved(&e) => {
                 // Another applier moved a partition (or the stream was
@@ -189,7 +285,10 @@ async fn apply(
                 tracing::debug!(pipeline = %p.name, attempt, "kafka positions moved; reloading");
                 *positions = state::kafka::applied(control, &p.name).await?;
                 if wanted(control, &p.name).await?.is_some() {
-                    return Ok(());
+                    return Ok(true);
+                }
+                if reach.rewound(positions) {
+                    return Ok(false);
                 }
             }
             Err(e) => return Err(e),

@@ -41,6 +41,9 @@ fn refs(ps: &[Option<String>]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)
     ps.iter().map(|p| p as _).collect()
 }
 
+/// The orphan-key query of a repair chunk, made from the rows it read.
+type OrphanQuery<'a> = &'a dyn Fn(&[tokio_postgres::Row]) -> (String, Vec<Option<String>>);
+
 /// Reads rows (and, for repairs, orphan keys) in one snapshot, checks it
 /// against recently processed transactions, and writes the high watermark.
 /// `None` when the snapshot raced a transaction (read again later).
@@ -48,7 +51,7 @@ async fn read_in_snapshot(
     p: &Pipeline,
     client: &Client,
     rows: (&str, &[Option<String>]),
-    orphans: Option<(&str, &[Option<String>])>,
+    orphans: Option<OrphanQuery<'_>>,
     recent: &RecentXids,
     id: &str,
 ) -> Result<Option<(Vec<tokio_postgres::Row>, Vec<Key>)>> {
@@ -67,13 +70,16 @@ async fn read_in_snapshot(
             .await
             .map_err(Error::db("read chunk"))?;
         let orphans = match orphans {
-            Some((sql, params)) => client
-                .query(sql, &refs(params))
-                .await
-                .map_err(Error::db("read orphan keys"))?
-                .iter()
-                .map(text_key)
-                .collect(),
+            Some(query) => {
+                let (sql, params) = query(&rows);
+                client
+                    .query(&sql, &refs(&params))
+                    .await
+                    .map_err(Error::db("read orphan keys"))?
+                    .iter()
+                    .map(text_key)
+                    .collect()
+            }
             None => Vec::new(),
         };
         Ok::<_, Error>((snap, rows, orphans))
@@ -130,7 +136,13 @@ pub async fn read_chunk(
     }))
 }
 
-/// The oldest queued `verify --repair` range, read like a chunk.
+/// The next chunk of the oldest queued repair range (from `verify
+/// --repair`, or the whole table after a broker lost records): up to a
+/// backfill chunk of source rows after `lo`, and the target rows the source
+/// lacks up to the last of them (or to `hi` when the range ends here). The
+/// chunk's cursor, recorded once it is acknowledged, is the range's next
+/// `lo`. `resume`: the range whose previous chunk is still open, and the
+/// cursor after it.
 pub async fn next_repair(
     p: &Pipeline,
     control: &Client,
@@ -138,11 +150,13 @@ pub async fn next_repair(
     m: &Mapping,
     recent: &RecentXids,
     seq: u64,
+    resume: Option<&(i64, Key)>,
 ) -> Result<Option<Open>> {
     let Some(r) = control
         .query_opt(
-            "SELECT id, lo, hi FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL ORDER BY id LIMIT 1",
-            &[&p.name],
+            "SELECT id, lo, hi FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL \
+             AND ($2::int8 IS NULL OR id = $2) ORDER BY id LIMIT 1",
+            &[&p.name, &resume.map(|r| r.0)],
         )
         .await
         .map_err(Error::db("read repair requests"))?
@@ -150,28 +164,42 @@ pub async fn next_repair(
         return Ok(None);
     };
     let id: i64 = r.get(0);
-    let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
+    let lo: Option<Key> = match resume {
+        Some((_, cursor)) => Some(cursor.clone()),
+        None => r.get::<_, Option<Vec<Option<String>>>>(1).map(Key),
+    };
     let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
     let source = &p.source_table;
-    let rows_sql = sql::source_rows(m, source, lo.is_some(), hi.is_some(), false);
-    let orphans_sql = sql::orphan_keys(m, source, &p.target_table, lo.is_some(), hi.is_some());
-    let params = Key::range_params(lo.as_ref(), hi.as_ref());
+    let n = p.backfill.chunk_rows.max(1) as usize;
+    let rows_sql = sql::source_rows(m, source, lo.is_some(), hi.is_some(), true);
+    let mut params = Key::range_params(lo.as_ref(), hi.as_ref());
+    params.push(Some(n.to_string()));
+    let upper = |rows: &[tokio_postgres::Row]| -> Option<Key> {
+        match rows.last() {
+            Some(last) if rows.len() >= n => Some(Key(m
+                .source_key
+                .iter()
+                .map(|&i| last.get::<_, Option<String>>(i))
+                .collect())),
+            _ => hi.clone(),
+        }
+    };
+    let orphans = |rows: &[tokio_postgres::Row]| {
+        let upper = upper(rows);
+        let sql = sql::orphan_keys(m, source, &p.target_table, lo.is_some(), upper.is_some());
+        (sql, Key::range_params(lo.as_ref(), upper.as_ref()))
+    };
     let wm = format!("repair:{}:{seq}", std::process::id());
-    let Some((rows, orphans)) = read_in_snapshot(
-        p,
-        client,
-        (&rows_sql, &params),
-        Some((&orphans_sql, &params)),
-        recent,
-        &wm,
-    )
-    .await?
+    let Some((rows, orphans)) =
+        read_in_snapshot(p, client, (&rows_sql, &params), Some(&orphans), recent, &wm).await?
     else {
         return Ok(None);
     };
+    let done = rows.len() < n;
+    let cursor = if done { None } else { upper(&rows) };
     let rows: Vec<Row> = rows.iter().map(text_row).collect();
     Ok(Some(Open {
-        chunk: Chunk::new(wm, rows, &m.source_key, None, false).with_deletes(orphans),
+        chunk: Chunk::new(wm, rows, &m.source_key, cursor, done).with_deletes(orphans),
         repair: Some(id),
     }))
 }

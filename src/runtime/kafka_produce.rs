@@ -24,7 +24,7 @@
 //! [`crate::transport::kafka::snapshot`]; `verify --repair` ranges go the
 //! same way, with deletes for target rows the source lacks.
 
-use super::apply_loop::{batch_lag, control_tick, estimated, start_source, Stream};
+use super::apply_loop::{batch_lag, control_tick, estimated, start_source, stop_source, Stream};
 use super::kafka_chunks::{next_repair, read_chunk, Open, MAX_OPEN};
 use super::progress::Progress;
 use super::{kafka_apply, Exit, RunOptions};
@@ -54,13 +54,23 @@ struct Carried {
     /// A backfill chunk ended in this batch: its cursor, whether it ended
     /// the range, and the rows produced.
     chunk: Option<(Option<Key>, bool, usize)>,
-    /// A repair request whose rows this batch carried.
-    repair: Option<(i64, usize, usize)>,
+    /// A repair chunk this batch carried: the request, the rows written
+    /// and deleted, and the range's next `lo` (`None`: the range is done).
+    repair: Option<(i64, usize, usize, Option<Key>)>,
 }
 
 struct Inflight {
     pending: Vec<Pending>,
     carried: Carried,
+}
+
+/// A batch the broker acknowledged: what it carried, the end offset of
+/// each partition, and the partitions whose offsets went back (the broker
+/// lost acknowledged records): (partition, first offset reused).
+struct Acked {
+    carried: Carried,
+    ends: Vec<i64>,
+    lost: Vec<(i32, i64)>,
 }
 
 /// A position with the end offset of each partition up to it.
@@ -119,19 +129,28 @@ pub async fn run(
 
     let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone()).await?;
 
-    // The acker: awaits acknowledgements in order.
+    // The acker: awaits acknowledgements in order. It starts from the ends
+    // recorded before the slot was last confirmed, so everything the slot
+    // will not send again lies below them (see `marks`).
     let (inflight_tx, mut inflight_rx) = mpsc::channel::<Inflight>(64);
-    let (done_tx, mut done_rx) = mpsc::channel::<Result<(Carried, Vec<i64>)>>(64);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<Acked>>(64);
     let acker_topic = topic.clone();
+    let mut ends_now = state::kafka::produced(&control, &p.name, partitions).await?;
+    let mut ends = ends_now.clone();
     tokio::spawn(async move {
-        let mut ends = vec![0i64; partitions as usize];
         while let Some(batch) = inflight_rx.recv().await {
             let mut failed = None;
+            let mut lost = Vec::new();
             for pending in batch.pending {
                 match pending.wait(&acker_topic).await {
                     Ok((part, offset)) => {
                         if let Some(e) = ends.get_mut(part as usize) {
-                            *e = (*e).max(offset + 1);
+                            // One idempotent producer: a partition's offsets
+                            // only grow, unless the broker lost its log.
+                            if offset < *e {
+                                lost.push((part, offset));
+                            }
+                            *e = offset + 1;
                         }
                     }
                     Err(e) => {
@@ -142,7 +161,11 @@ pub async fn run(
             }
             let out = match failed {
                 Some(e) => Err(e),
-                None => Ok((batch.carried, ends.clone())),
+                None => Ok(Acked {
+                    carried: batch.carried,
+                    ends: ends.clone(),
+                    lost,
+                }),
             };
             if done_tx.send(out).await.is_err() {
                 break;
@@ -166,7 +189,8 @@ pub async fn run(
         record.phase.as_str(),
         "planned" | "expanding" | "backfilling" | "rolled_back" | "failed"
     );
-    let mut backfill_done: Option<Option<Lsn>> = range.done.then_some(None);
+    let mut backfill_done: Option<Option<Lsn>> =
+        (range.done && !state::kafka::resync_pending(&control, &p.name).await?).then_some(None);
     let mut throttler = Throttler::new(p.throttle.clone(), p.slot_name());
     let mut throttled: Option<String> = None;
     let mut paused = record.desired == state::Desired::Pause;
@@ -176,13 +200,15 @@ pub async fn run(
     let mut cursor = range.cursor.clone();
     let mut recent = RecentXids::default();
     let mut marks: VecDeque<Mark> = VecDeque::new();
-    let mut ends_now: Vec<i64> = vec![0; partitions as usize];
+    let mut unconfirmed: Option<Lsn> = None;
     let mut confirmed_events = 0usize;
     let mut not_before = Instant::now();
     let mut last_control = Instant::now();
     let mut last_refresh = Instant::now();
     let mut last_lsn = Lsn::ZERO;
     let mut repairs_open = 0usize;
+    // The repair range being read, and the cursor after its last open chunk.
+    let mut repair_next: Option<(i64, Key)> = None;
     tracing::info!(pipeline = %p.name, %topic, partitions, "producing to kafka");
 
     let result: Result<Exit> = async {
@@ -190,13 +216,19 @@ pub async fn run(
             // Start chunks while fewer than MAX_OPEN wait for their
             // watermarks (a queued repair first).
             if open.len() < MAX_OPEN && Instant::now() >= not_before {
-                if repairs_open == 0 && last_repair_check.elapsed() >= Duration::from_millis(500) {
+                if repair_next.is_some()
+                    || (repairs_open == 0 && last_repair_check.elapsed() >= Duration::from_millis(500))
+                {
                     last_repair_check = Instant::now();
                     if let Some(o) =
-                        next_repair(p, &control, &snap_client, &mapping, &recent, chunk_seq).await?
+                        next_repair(p, &control, &snap_client, &mapping, &recent, chunk_seq, repair_next.as_ref()).await?
                     {
                         chunk_seq += 1;
                         repairs_open += 1;
+                        repair_next = match (o.repair, &o.chunk.cursor, o.chunk.done) {
+                            (Some(id), Some(c), false) => Some((id, c.clone())),
+                            _ => None,
+                        };
                         open.push(o);
                     }
                 }
@@ -224,9 +256,26 @@ pub async fn run(
                 biased;
                 _ = cancel.cancelled() => return Err(Error::Stopped("interrupted".into())),
                 done = done_rx.recv() => {
-                    let (carried, ends) = done.ok_or_else(|| Error::Replication("the kafka acker stopped".into()))??;
-                    if let Some(lsn) = carried.ack {
-                        ack(lsn);
+                    let Acked { carried, ends, lost } = done.ok_or_else(|| Error::Replication("the kafka acker stopped".into()))??;
+                    if !lost.is_empty() {
+                        let open_repairs: Vec<i64> = open.iter().filter_map(|o| o.repair).collect();
+                        for (part, at) in &lost {
+                            state::kafka::rewind(&control, &p.name, *part, *at, &open_repairs).await?;
+                            let detail = format!("partition {part} reuses offsets from {at}; positions moved back, whole table queued for repair");
+                            tracing::error!(pipeline = %p.name, partition = part, offset = at, "the kafka broker lost records it had acknowledged; {detail}");
+                            state::audit(&control, &p.name, "kafka broker lost records", &detail).await?;
+                        }
+                        // Marks made before hold offsets the broker reuses.
+                        marks.clear();
+                        // Not caught up until the whole table was read again.
+                        backfill_done = None;
+                        if caught_up {
+                            caught_up = false;
+                            state::set_phase(&control, &p.name, Phase::Backfilling, Some(("the kafka broker lost acknowledged records", "the whole table is being read again through the topic"))).await?;
+                        }
+                    }
+                    if carried.ack.is_some() {
+                        unconfirmed = carried.ack;
                     }
                     confirmed_events += carried.events;
                     if let Some((c, finished, rows)) = &carried.chunk {
@@ -246,15 +295,20 @@ pub async fn run(
                             tracing::info!(pipeline = %p.name, rows = range.rows_copied, "backfill produced; waiting for the appliers to catch up");
                         }
                     }
-                    if let Some((id, written, deleted)) = carried.repair {
+                    if let Some((id, written, deleted, next)) = &carried.repair {
                         repairs_open = repairs_open.saturating_sub(1);
                         control
                             .execute(
-                                "UPDATE rowshift.repairs SET done_at = now(), rows_written = $2, rows_deleted = $3 WHERE id = $1",
-                                &[&id, &(written as i64), &(deleted as i64)],
+                                "UPDATE rowshift.repairs SET done_at = CASE WHEN $4::text[] IS NULL THEN now() END, \
+                                 lo = coalesce($4, lo), rows_written = coalesce(rows_written, 0) + $2, \
+                                 rows_deleted = coalesce(rows_deleted, 0) + $3 WHERE id = $1",
+                                &[id, &(*written as i64), &(*deleted as i64), &next.as_ref().map(|k| &k.0)],
                             )
                             .await
                             .map_err(Error::db("record repair"))?;
+                        if next.is_none() && backfill_done.is_none() && range.done && !state::kafka::resync_pending(&control, &p.name).await? {
+                            backfill_done = Some(None);
+                        }
                     }
                     if backfill_done == Some(None) {
                         backfill_done = Some(carried.ack);
@@ -333,7 +387,12 @@ pub async fn run(
             }
             if last_control.elapsed() >= Duration::from_millis(500) {
                 last_control = Instant::now();
+                // The ends first, then the slot: a restart starts its acker
+                // from ends covering all the slot will not send again.
                 state::kafka::save_produced(&control, &p.name, &ends_now).await?;
+                if let Some(lsn) = unconfirmed.take() {
+                    ack(lsn);
+                }
                 let (exit, note) = control_tick(p, &control, false, &mut paused, throttled.as_deref()).await?;
                 if let Some(exit) = exit {
                     return Ok(exit);
@@ -347,12 +406,7 @@ pub async fn run(
     if let Some(h) = applier {
         let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
     }
-    if tokio::time::timeout(Duration::from_secs(10), reader)
-        .await
-        .is_err()
-    {
-        tracing::warn!(pipeline = %p.name, "the replication reader did not stop within 10 s");
-    }
+    stop_source(&p.name, rx, reader).await;
     result
 }
 
@@ -369,7 +423,7 @@ async fn passed_marks(
             .ends
             .iter()
             .enumerate()
-            .all(|(part, end)| *end <= applied.get(&(part as i32)).copied().unwrap_or(0));
+            .all(|(part, end)| *end <= applied.get(&(part as i32)).map_or(0, |a| a.next));
         if !passed {
             break;
         }
@@ -465,7 +519,7 @@ async fn close_chunk(
         .await?;
     }
     match o.repair {
-        Some(id) => carried.repair = Some((id, n, deleted)),
+        Some(id) => carried.repair = Some((id, n, deleted, if done { None } else { cursor })),
         None => {
             // Chunks close in the order they were read: the last one's
             // cursor covers the earlier ones of this batch.

@@ -56,16 +56,87 @@ pub async fn incarnation(client: &Client, name: &str) -> Result<String> {
     Ok(row.get(0))
 }
 
+/// A partition's applied position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The next offset the target has not applied.
+    pub next: i64,
+    /// How often the position was moved back (see [`rewind`]): an applier
+    /// that sees the count change seeks its consumer back to `next`.
+    pub rewinds: i64,
+}
+
 /// Applied positions by partition.
-pub async fn applied(client: &Client, name: &str) -> Result<HashMap<i32, i64>> {
+pub async fn applied(client: &Client, name: &str) -> Result<HashMap<i32, Position>> {
     let rows = client
         .query(
-            "SELECT part, next_offset FROM rowshift.kafka_applied WHERE pipeline = $1",
+            "SELECT part, next_offset, rewinds FROM rowshift.kafka_applied WHERE pipeline = $1",
             &[&name],
         )
         .await
         .map_err(Error::db("read kafka positions"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let p = Position {
+                next: r.get(1),
+                rewinds: r.get(2),
+            };
+            (r.get(0), p)
+        })
+        .collect())
+}
+
+/// How far each partition was produced (acknowledged), by partition number.
+pub async fn produced(client: &Client, name: &str, partitions: i32) -> Result<Vec<i64>> {
+    let rows = client
+        .query(
+            "SELECT part, next_offset FROM rowshift.kafka_produced WHERE pipeline = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("read kafka positions"))?;
+    let mut ends = vec![0i64; partitions.max(0) as usize];
+    for r in &rows {
+        let part: i32 = r.get(0);
+        if let Some(e) = ends.get_mut(part as usize) {
+            *e = r.get(1);
+        }
+    }
+    Ok(ends)
+}
+
+/// A whole-table repair after lost records is queued or under way.
+pub async fn resync_pending(client: &Client, name: &str) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL \
+                AND reason = 'broker lost records')",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("read repair requests"))?;
+    Ok(row.get(0))
+}
+
+/// The broker acknowledged a record of partition `part` at `at`, below
+/// records it had acknowledged before: it lost the log from `at` on (a
+/// broker that acknowledges writes it has not made durable, restarted).
+/// Offsets from `at` are being reused, so the partition's positions move
+/// back to `at` (an applier past it would skip the new records), and, as
+/// the lost records' changes can never be read again, the whole table is
+/// queued to be read once more through the topic (a repair of every key,
+/// with deletes for target rows the source lacks), unless such a repair
+/// is already queued and not started (`open`: the repairs being read).
+pub async fn rewind(client: &Client, name: &str, part: i32, at: i64, open: &[i64]) -> Result<()> {
+    client
+        .execute(
+            "WITH a AS (UPDATE rowshift.kafka_applied SET next_offset = $3, rewinds = rewinds + 1                 WHERE pipeline = $1 AND part = $2 AND next_offset > $3 RETURNING 1),              p AS (UPDATE rowshift.kafka_produced SET next_offset = $3, produced_at = now()                 WHERE pipeline = $1 AND part = $2 RETURNING 1)              INSERT INTO rowshift.repairs (pipeline, reason) SELECT $1, 'broker lost records'              WHERE NOT EXISTS (SELECT 1 FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL                 AND reason = 'broker lost records' AND lo IS NULL AND id <> ALL($4::int8[]))",
+            &[&name, &part, &at, &open],
+        )
+        .await
+        .map_err(Error::db("rewind kafka positions"))?;
+    Ok(())
 }
 
 /// Records how far each partition has been produced (acknowledged).

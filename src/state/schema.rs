@@ -125,6 +125,10 @@ const STEPS: &[&str] = &[
         produced_at timestamptz,
         PRIMARY KEY (pipeline, part)
      );",
+    // 5: a broker that lost acknowledged records: the partitions' rewinds
+    // (appliers seek back to the position), and why a repair was queued
+    "ALTER TABLE rowshift.kafka_applied ADD COLUMN rewinds int8 NOT NULL DEFAULT 0;
+     ALTER TABLE rowshift.repairs ADD COLUMN reason text NOT NULL DEFAULT 'verify';",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

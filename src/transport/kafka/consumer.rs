@@ -9,12 +9,15 @@ use super::producer::{Passthrough, INCARNATION_HEADER};
 use crate::error::{Error, Result};
 use crate::model::ChangeEvent;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One record read: where it is, and its change (`None`: a tombstone, or
@@ -41,8 +44,26 @@ impl Polled {
     }
 }
 
+/// Notes the partitions each rebalance assigns: a newly assigned partition
+/// starts at the group's committed offset, which the caller checks against
+/// its own stored position.
+#[derive(Default)]
+struct Assignments(Arc<Mutex<Vec<i32>>>);
+
+impl ClientContext for Assignments {}
+
+impl ConsumerContext for Assignments {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Assign(tpl), Ok(mut assigned)) = (rebalance, self.0.lock()) {
+            assigned.extend(tpl.elements().iter().map(|e| e.partition()));
+        }
+    }
+}
+
 pub struct Consumer {
-    inner: StreamConsumer,
+    inner: StreamConsumer<Assignments>,
+    assigned: Arc<Mutex<Vec<i32>>>,
+    topic: String,
     decoder: AvroDecoder<'static>,
 }
 
@@ -65,14 +86,19 @@ impl Consumer {
         for (k, v) in passthrough {
             cfg.set(k, v);
         }
-        let inner: StreamConsumer = cfg.create().map_err(|e| Error::Config {
-            reason: format!("kafka consumer: {e}"),
-        })?;
+        let assigned = Arc::new(Mutex::new(Vec::new()));
+        let inner: StreamConsumer<Assignments> = cfg
+            .create_with_context(Assignments(assigned.clone()))
+            .map_err(|e| Error::Config {
+                reason: format!("kafka consumer: {e}"),
+            })?;
         inner
             .subscribe(&[topic])
             .map_err(|e| Error::Replication(format!("subscribe to {topic}: {e}")))?;
         Ok(Consumer {
             inner,
+            assigned,
+            topic: topic.to_string(),
             decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
         })
     }
@@ -130,6 +156,26 @@ impl Consumer {
             out.items.push(item);
         }
         Ok(out)
+    }
+
+    /// The partitions assigned to this member since the last call.
+    pub fn take_assigned(&self) -> Vec<i32> {
+        self.assigned
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default()
+    }
+
+    /// Reads `partition` from `offset` on.
+    pub fn seek(&self, partition: i32, offset: i64) -> Result<()> {
+        self.inner
+            .seek(
+                &self.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| Error::Replication(format!("seek {}/{partition}: {e}", self.topic)))
     }
 
     /// Commits the offsets of a poll whose events are applied (`wait`: until
