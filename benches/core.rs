@@ -56,29 +56,6 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Polls until `SELECT note FROM <table> WHERE id = <id>` equals `want`.
-async fn wait_note(
-    c: &Client,
-    table: &str,
-    id: i64,
-    want: &str,
-    limit: Duration,
-) -> Result<Instant> {
-    let sql = format!("SELECT note FROM {table} WHERE id = $1");
-    let stmt = c.prepare(&sql).await?;
-    let start = Instant::now();
-    loop {
-        let row = c.query_opt(&stmt, &[&id]).await?;
-        if row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(want) {
-            return Ok(Instant::now());
-        }
-        if start.elapsed() > limit {
-            bail!("{table}: id {id} did not become {want:?} within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
@@ -310,7 +287,8 @@ async fn run(
     }
 
     // 3. Lag under a steady 2,000 writes/s after the backfill.
-    let (p50, p99, max, n) = measure_lag(&dsn, file_arg, work, source.port, &src).await?;
+    let (p50, p99, max, n) =
+        measure_lag(&dsn, file_arg, "orders_v2", work, source.port, &src).await?;
     results.add(
         "replication lag at 2,000 writes/s (70/20/10 update/insert/delete)",
         "p99 < 200 ms",
@@ -371,27 +349,6 @@ async fn settle_slots(
     Ok(())
 }
 
-async fn wait_slot_inactive(src: &Client, slot: &str) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        let active: bool = src
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(false);
-        if !active {
-            return Ok(());
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("slot {slot} stayed active");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Seconds from the start marker to the end marker, for rowshift and then
 /// for the subscription, consuming the same backlog back to back.
 async fn measure_apply(
@@ -420,64 +377,4 @@ async fn measure_apply(
         .await?;
     wait_slot_inactive(src, "ref_sub").await?;
     Ok((ours, (s1 - s0).as_secs_f64()))
-}
-
-/// Probe updates every 20 ms while pgbench writes 2,000 statements/s.
-async fn measure_lag(
-    dsn: &str,
-    file: &str,
-    work: &Path,
-    port: u16,
-    src: &Client,
-) -> Result<(f64, f64, f64, usize)> {
-    let target = connect(dsn).await?;
-    let child = rowshift(dsn, &["run", file], &work.join("lag.log"))?;
-    src.batch_execute("UPDATE orders SET note = 'lag-ready' WHERE id = 1")
-        .await?;
-    wait_note(
-        &target,
-        "orders_v2",
-        1,
-        "lag-ready",
-        Duration::from_secs(300),
-    )
-    .await?;
-    let mut load = pgbench(
-        port,
-        &[
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-R",
-            "2000",
-            "-T",
-            "32",
-            "-f",
-            "benches/sql/update.sql@7",
-            "-f",
-            "benches/sql/insert.sql@2",
-            "-f",
-            "benches/sql/delete.sql@1",
-        ],
-    )?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut samples = Vec::new();
-    let until = Instant::now() + Duration::from_secs(28);
-    let mut n = 0;
-    while Instant::now() < until {
-        n += 1;
-        let note = format!("probe-{n}");
-        src.execute("UPDATE orders SET note = $1 WHERE id = 1", &[&note])
-            .await?;
-        let committed = Instant::now();
-        let seen = wait_note(&target, "orders_v2", 1, &note, Duration::from_secs(30)).await?;
-        samples.push((seen - committed).as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = load.0.wait();
-    drop(child);
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
-    Ok((pct(0.5), pct(0.99), pct(1.0), samples.len()))
 }

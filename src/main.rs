@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use rowshift::runtime::{self, control, kafka_apply, RunOptions};
+use rowshift::runtime::{self, control, kafka_apply, kafka_schema, RunOptions};
 use rowshift::state::Desired;
 use rowshift::{cutover, spec, Error};
 
@@ -472,7 +472,7 @@ async fn apply(p: &spec::Pipeline) -> anyhow::Result<()> {
                 )));
             }
             let checked = rowshift::preflight::check(&mut client, p, Some(&record)).await?;
-            let schema = kafka_apply::table_schema(p, &checked, &client).await?;
+            let schema = kafka_schema::table_schema(p, &checked, &client).await?;
             kafka_apply::run(p, &dsn, Arc::new(checked.mapping), &schema, cancel.clone()).await
         }
         .await;

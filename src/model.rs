@@ -8,7 +8,6 @@
 //! (SQL NULL).
 
 use std::fmt;
-use std::sync::Arc;
 
 /// A WAL position (log sequence number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -43,7 +42,7 @@ pub enum Cell {
     Present(Value),
 }
 
-/// A row of source columns, positionally aligned with [`Relation::columns`].
+/// A row of source columns, positionally aligned with the stream's column list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     pub cells: Vec<Cell>,
@@ -92,14 +91,6 @@ impl Key {
     }
 }
 
-/// The source columns a stream delivers, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relation {
-    pub schema: String,
-    pub table: String,
-    pub columns: Vec<Arc<str>>,
-}
-
 /// One change to one row of the source table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -140,8 +131,9 @@ pub struct Batch {
     pub ack: Option<Lsn>,
     /// Heartbeat emitted at this wall-clock time (µs) was passed by this batch.
     pub heartbeat_us: Option<i64>,
-    /// The columns of `Row`s in this batch (changes when the source relation changes).
-    pub relation: Option<Arc<Relation>>,
+    /// Source columns added (carried after the known ones from then on),
+    /// each with the number of events of this batch that came before.
+    pub columns_added: Vec<(usize, Vec<String>)>,
     /// Watermark messages of this pipeline, each with the number of events
     /// of this batch that came before it.
     pub watermarks: Vec<(usize, String)>,
@@ -166,6 +158,9 @@ pub enum SourceMsg {
     },
     /// A transactional watermark message of this pipeline (its content).
     Watermark(String),
+    /// Columns added to the source table: rows carry them after the
+    /// columns known before (see `ReaderConfig::carry_added_columns`).
+    ColumnsAdded(Vec<String>),
     /// A heartbeat written at `emitted_us` was passed at `lsn`.
     Heartbeat {
         lsn: Lsn,

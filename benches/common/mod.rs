@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 pub struct Cluster {
@@ -174,4 +175,111 @@ pub async fn load_orders(src: &Client, ddl: &str, rows: i64) -> Result<()> {
     .await?;
     src.batch_execute("VACUUM ANALYZE orders").await?;
     Ok(())
+}
+
+/// Polls until `SELECT note FROM <table> WHERE id = <id>` equals `want`.
+pub async fn wait_note(
+    c: &Client,
+    table: &str,
+    id: i64,
+    want: &str,
+    limit: Duration,
+) -> Result<Instant> {
+    let sql = format!("SELECT note FROM {table} WHERE id = $1");
+    let stmt = c.prepare(&sql).await?;
+    let start = Instant::now();
+    loop {
+        let row = c.query_opt(&stmt, &[&id]).await?;
+        if row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(want) {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > limit {
+            bail!("{table}: id {id} did not become {want:?} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub async fn wait_slot_inactive(src: &Client, slot: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let active: bool = src
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+        if !active {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("slot {slot} stayed active");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Replication lag of the pipeline in `file` into `target_table`: probe
+/// updates every 20 ms while pgbench writes 2,000 statements/s (70 %
+/// updates, 20 % inserts, 10 % deletes); (p50, p99, max, probes) in ms.
+pub async fn measure_lag(
+    dsn: &str,
+    file: &str,
+    target_table: &str,
+    work: &Path,
+    port: u16,
+    src: &Client,
+) -> Result<(f64, f64, f64, usize)> {
+    let target = connect(dsn).await?;
+    let child = rowshift(dsn, &["run", file], &work.join("lag.log"))?;
+    src.batch_execute("UPDATE orders SET note = 'lag-ready' WHERE id = 1")
+        .await?;
+    wait_note(
+        &target,
+        target_table,
+        1,
+        "lag-ready",
+        Duration::from_secs(300),
+    )
+    .await?;
+    let mut load = pgbench(
+        port,
+        &[
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-R",
+            "2000",
+            "-T",
+            "32",
+            "-f",
+            "benches/sql/update.sql@7",
+            "-f",
+            "benches/sql/insert.sql@2",
+            "-f",
+            "benches/sql/delete.sql@1",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut samples = Vec::new();
+    let until = Instant::now() + Duration::from_secs(28);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let note = format!("probe-{n}");
+        src.execute("UPDATE orders SET note = $1 WHERE id = 1", &[&note])
+            .await?;
+        let committed = Instant::now();
+        let seen = wait_note(&target, target_table, 1, &note, Duration::from_secs(30)).await?;
+        samples.push((seen - committed).as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = load.0.wait();
+    drop(child);
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.5), pct(0.99), pct(1.0), samples.len()))
 }

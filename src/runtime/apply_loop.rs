@@ -240,6 +240,9 @@ pub(super) async fn start_source(
         key_positions: mapping.source_key.clone(),
         heartbeat_prefix: heartbeat_prefix(&p.name),
         watermark_prefix: watermark_prefix(&p.name),
+        // The kafka topic is the source's change stream, for other
+        // consumers too: it follows columns added to the source.
+        carry_added_columns: p.transport.kafka.is_some() && !stream.reverse,
     };
     let t = &p.transport;
     let capacity = t.batch_events.saturating_mul(t.queue_batches).max(1);

@@ -24,7 +24,6 @@
 use super::Exit;
 use crate::error::{Error, Result};
 use crate::model::{now_us, ChangeEvent};
-use crate::preflight::Checked;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::spec::Pipeline;
@@ -39,17 +38,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-
-/// The Avro shape of the pipeline's source table (refuses unmappable types).
-pub async fn table_schema(p: &Pipeline, checked: &Checked, client: &Client) -> Result<TableSchema> {
-    let db: String = client
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .map_err(Error::db("read database name"))?
-        .get(0);
-    crate::preflight::kafka_schema(p, checked, &db)
-        .map_err(|problems| Error::Preflight { problems })
-}
 
 /// Applies the topic until cancelled, the pipeline ends or it is aborted.
 pub async fn run(

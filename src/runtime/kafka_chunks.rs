@@ -110,13 +110,20 @@ async fn read_in_snapshot(
 pub async fn read_chunk(
     p: &Pipeline,
     client: &Client,
-    m: &Mapping,
+    (m, added): (&Mapping, &[String]),
     (cursor, hi): (&Option<Key>, &Option<Key>),
     recent: &RecentXids,
     seq: u64,
 ) -> Result<Option<Open>> {
     let n = p.backfill.chunk_rows.max(1) as usize;
-    let sql = sql::source_rows(m, &p.source_table, cursor.is_some(), hi.is_some(), true);
+    let sql = sql::source_rows(
+        m,
+        added,
+        &p.source_table,
+        cursor.is_some(),
+        hi.is_some(),
+        true,
+    );
     let mut params = Key::range_params(cursor.as_ref(), hi.as_ref());
     params.push(Some(n.to_string()));
     let id = format!("chunk:{}:{seq}", std::process::id());
@@ -147,7 +154,7 @@ pub async fn next_repair(
     p: &Pipeline,
     control: &Client,
     client: &Client,
-    m: &Mapping,
+    (m, added): (&Mapping, &[String]),
     recent: &RecentXids,
     seq: u64,
     resume: Option<&(i64, Key)>,
@@ -171,7 +178,7 @@ pub async fn next_repair(
     let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
     let source = &p.source_table;
     let n = p.backfill.chunk_rows.max(1) as usize;
-    let rows_sql = sql::source_rows(m, source, lo.is_some(), hi.is_some(), true);
+    let rows_sql = sql::source_rows(m, added, source, lo.is_some(), hi.is_some(), true);
     let mut params = Key::range_params(lo.as_ref(), hi.as_ref());
     params.push(Some(n.to_string()));
     let upper = |rows: &[tokio_postgres::Row]| -> Option<Key> {

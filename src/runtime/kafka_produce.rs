@@ -27,7 +27,7 @@
 use super::apply_loop::{batch_lag, control_tick, estimated, start_source, stop_source, Stream};
 use super::kafka_chunks::{next_repair, read_chunk, Open, MAX_OPEN};
 use super::progress::Progress;
-use super::{kafka_apply, Exit, RunOptions};
+use super::{kafka_apply, kafka_schema, Exit, RunOptions};
 use crate::backfill::throttle::Throttler;
 use crate::error::{Error, Result};
 use crate::model::{now_us, Change, ChangeEvent, Key, Lsn};
@@ -106,7 +106,10 @@ pub async fn run(
     let partitions = producer.partitions(&topic).await?;
     state::kafka::init(&control, &p.name, partitions).await?;
     let incarnation = state::kafka::incarnation(&control, &p.name).await?;
-    let encoder = Encoder::new(&registry, &schema);
+    let mut schema = schema;
+    let mut encoder = Encoder::new(&registry, &schema);
+    // Source columns added while running, carried after the mapping's.
+    let mut added: Vec<String> = Vec::new();
     let mapping = stream.mapping.clone();
     let key = mapping.source_key.clone();
 
@@ -221,7 +224,7 @@ pub async fn run(
                 {
                     last_repair_check = Instant::now();
                     if let Some(o) =
-                        next_repair(p, &control, &snap_client, &mapping, &recent, chunk_seq, repair_next.as_ref()).await?
+                        next_repair(p, &control, &snap_client, (&mapping, &added), &recent, chunk_seq, repair_next.as_ref()).await?
                     {
                         chunk_seq += 1;
                         repairs_open += 1;
@@ -235,7 +238,7 @@ pub async fn run(
                 if !range.done && !paused {
                     throttled = throttler.check(&control).await?;
                     if throttled.is_none() {
-                        let o = read_chunk(p, &snap_client, &mapping, (&cursor, &range.hi), &recent, chunk_seq)
+                        let o = read_chunk(p, &snap_client, (&mapping, &added), (&cursor, &range.hi), &recent, chunk_seq)
                             .await?;
                         chunk_seq += 1;
                         if let Some(o) = o {
@@ -330,7 +333,15 @@ pub async fn run(
                     };
                     let now_ms = now_us() / 1000;
                     let mut marks_at = batch.watermarks.iter().peekable();
+                    let mut added_at = batch.columns_added.iter().peekable();
                     for i in 0..=batch.events.len() {
+                        while let Some((_, names)) = added_at.next_if(|(at, _)| *at <= i) {
+                            schema = kafka_schema::with_added(p, &control, &schema, names).await?;
+                            encoder = Encoder::new(&registry, &schema);
+                            added.extend(names.iter().cloned());
+                            tracing::info!(pipeline = %p.name, columns = %names.join(", "), "columns added to the source; the next records carry them (a new value schema version)");
+                            state::audit(&control, &p.name, "source columns added", &names.join(", ")).await?;
+                        }
                         while let Some((_, id)) = marks_at.next_if(|(at, _)| *at <= i) {
                             if let Some(at) = open.iter().position(|o| &o.chunk.id == id) {
                                 let o = open.remove(at);

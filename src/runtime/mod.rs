@@ -15,6 +15,7 @@ pub mod control;
 pub mod kafka_apply;
 mod kafka_chunks;
 mod kafka_produce;
+pub mod kafka_schema;
 mod progress;
 
 pub use apply_loop::Stream;
@@ -174,7 +175,7 @@ async fn run_forward(
 
     let mapping = Arc::new(checked.mapping.clone());
     if p.transport.kafka.is_some() {
-        let schema = kafka_apply::table_schema(p, checked, control).await?;
+        let schema = kafka_schema::table_schema(p, checked, control).await?;
         if !record.ranges_planned {
             store_estimate(control, p, checked).await?;
             kafka_chunks::plan_range(control, p, &mapping).await?;

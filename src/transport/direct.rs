@@ -93,6 +93,10 @@ impl Receiver {
                         let at = self.pending.events.len();
                         self.pending.watermarks.push((at, id));
                     }
+                    SourceMsg::ColumnsAdded(names) => {
+                        let at = self.pending.events.len();
+                        self.pending.columns_added.push((at, names));
+                    }
                     SourceMsg::Heartbeat { lsn, emitted_us } => {
                         if !self.in_tx {
                             self.pending.ack = Some(lsn);

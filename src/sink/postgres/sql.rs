@@ -349,11 +349,13 @@ pub fn partial_update(
     )
 }
 
-/// The source rows with `lo < key <= hi`, every column as text, in key
-/// order, at most `$n` of them when `limited` (the parameter after the key
-/// bounds). The kafka transport's backfill chunks read these.
+/// The source rows with `lo < key <= hi`, every column (the mapping's,
+/// then `added`) as text, in key order, at most `$n` of them when `limited`
+/// (the parameter after the key bounds). The kafka transport's backfill
+/// chunks read these.
 pub fn source_rows(
     m: &Mapping,
+    added: &[String],
     source: &TableName,
     has_lo: bool,
     has_hi: bool,
@@ -362,7 +364,9 @@ pub fn source_rows(
     let cols: Vec<String> = m
         .source_columns
         .iter()
-        .map(|c| format!("src.{}::text", quote_ident(&c.name)))
+        .map(|c| &c.name)
+        .chain(added)
+        .map(|c| format!("src.{}::text", quote_ident(c)))
         .collect();
     let order: Vec<String> = m
         .source_key

@@ -50,6 +50,10 @@ pub struct ReaderConfig {
     /// Skip transactions that committed before this position (the server
     /// starts at the slot's confirmed position when that is later).
     pub start_lsn: Option<Lsn>,
+    /// Carry columns added to the source after `columns` (appended to the
+    /// rows, announced by [`SourceMsg::ColumnsAdded`]); otherwise they are
+    /// left out.
+    pub carry_added_columns: bool,
 }
 
 /// Starts streaming from the slot's confirmed position. Returns the receiver
@@ -114,6 +118,8 @@ pub async fn start(
 /// Turns pgoutput events into source messages, tracking the open transaction.
 struct Decoder {
     config: ReaderConfig,
+    /// `config.columns`, then the added columns carried.
+    columns: Vec<String>,
     commit_lsn: Lsn,
     commit_ts_us: i64,
     xid: u32,
@@ -122,6 +128,7 @@ struct Decoder {
 impl Decoder {
     fn new(config: ReaderConfig) -> Decoder {
         Decoder {
+            columns: config.columns.to_vec(),
             config,
             commit_lsn: Lsn::ZERO,
             commit_ts_us: 0,
@@ -208,7 +215,19 @@ impl Decoder {
                         ));
                     }
                 }
-                return Ok(None);
+                if !self.config.carry_added_columns {
+                    return Ok(None);
+                }
+                let added: Vec<String> = names
+                    .iter()
+                    .filter(|n| !self.columns.iter().any(|c| c == *n))
+                    .map(|n| n.to_string())
+                    .collect();
+                if added.is_empty() {
+                    return Ok(None);
+                }
+                self.columns.extend(added.iter().cloned());
+                return Ok(Some(SourceMsg::ColumnsAdded(added)));
             }
             _ => return Ok(None),
         };
@@ -222,13 +241,13 @@ impl Decoder {
     /// Aligns a pgoutput tuple to the source column list. Columns pgoutput
     /// skipped (unchanged TOAST) stay `Absent`.
     fn row(&self, data: &RowData) -> Row {
-        let mut cells = vec![Cell::Absent; self.config.columns.len()];
+        let n = self.columns.len();
+        let mut cells = vec![Cell::Absent; n];
         let mut cursor = 0;
         for (name, value) in data.iter() {
-            let n = self.config.columns.len();
             let pos = (0..n)
                 .map(|i| (cursor + i) % n)
-                .find(|&i| *self.config.columns[i] == **name);
+                .find(|&i| *self.columns[i] == **name);
             if let Some(pos) = pos {
                 cells[pos] = Cell::Present(text_value(value));
                 cursor = pos + 1;

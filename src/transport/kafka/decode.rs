@@ -203,7 +203,12 @@ impl Layout<'_> {
                 // A create that left columns out (the new key of a key
                 // change whose TOASTed columns did not change) is applied as
                 // a partial update: the sink re-reads the row it lacks.
-                if op == "u" || !unavailable.is_empty() {
+                // Columns this layout does not read (added to the source
+                // later) do not matter.
+                let lacking = unavailable
+                    .iter()
+                    .any(|u| self.columns.iter().any(|(name, _)| name == u));
+                if op == "u" || lacking {
                     Change::Update { old_key: None, new }
                 } else {
                     Change::Insert { new }

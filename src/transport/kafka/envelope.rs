@@ -74,6 +74,21 @@ impl TableSchema {
         })
     }
 
+    /// This schema with `added` columns appended (refused like `new`).
+    pub fn with_columns(&self, added: &[ColumnType<'_>]) -> Result<TableSchema, Vec<String>> {
+        let extra = TableSchema::new(
+            &self.topic,
+            &self.name,
+            &self.db,
+            &self.table,
+            added,
+            Vec::new(),
+        )?;
+        let mut out = self.clone();
+        out.columns.extend(extra.columns);
+        Ok(out)
+    }
+
     fn namespace(&self) -> String {
         self.topic
             .chars()

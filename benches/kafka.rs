@@ -1,0 +1,437 @@
+//! Issue 4's benchmarks (the kafka transport), each next to its reference,
+//! in one run, against a real broker (noida-db by default, the one that
+//! keeps its log on disk; `BENCH_BROKER=tansu` for the other) and the
+//! fixture schema registry:
+//!
+//! 1. end-to-end apply (source → broker → target) of a backlog of 200,000
+//!    single-row transactions, vs the same pipeline on the `direct`
+//!    transport consuming the same backlog, back to back;
+//! 2. the producer alone (source → broker, no applier) for a backlog of one
+//!    200,000-row transaction, next to PostgreSQL decoding that backlog
+//!    (`pg_logical_slot_get_binary_changes` with pgoutput on a slot of its
+//!    own);
+//! 3. replication lag under a steady 2,000 writes/s through Kafka, next to
+//!    the direct transport under the same load.
+//!
+//! The backlogs are built while every consumer is stopped; rates are timed
+//! between a start and an end marker becoming visible (in the target, or
+//! for the producer in the broker's log end offsets), so start-up is not
+//! counted. Run: `bash scripts/bench.sh kafka`.
+
+mod common;
+#[path = "../tests/support/registry.rs"]
+mod registry;
+
+use anyhow::{bail, Context, Result};
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const ROWS: i64 = 200_000;
+const BACKLOG: i64 = 200_000;
+const PARTITIONS: i32 = 6;
+
+const ORDERS_DDL: &str =
+    "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, \
+    amount numeric(12,2) NOT NULL, status text NOT NULL, note text, legacy_flag boolean, \
+    created_at timestamptz NOT NULL DEFAULT now())";
+
+const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, customer_id bigint NOT NULL, \
+    amount_cents bigint NOT NULL, state text NOT NULL, note text, total_with_tax numeric(14,2) NOT NULL, \
+    created_at timestamptz NOT NULL)";
+
+/// A broker of the bench's own, stopped when dropped.
+struct Broker {
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Broker {
+    fn start(kind: &str, dir: PathBuf) -> Result<Broker> {
+        let port = free_port()?;
+        let status = Command::new("scripts/kafka.sh")
+            .args(["start", kind])
+            .arg(&dir)
+            .arg(port.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("could not start {kind}");
+        }
+        Ok(Broker {
+            dir,
+            addr: format!("127.0.0.1:{port}"),
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/kafka.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The demo mapping into `table`, on `transport`.
+fn pipeline(name: &str, table: &str, transport: &str) -> String {
+    orders_pipeline(
+        name,
+        &TARGET_DDL.replace("orders_v2", table),
+        &format!("transport: {transport}"),
+    )
+    .replace("public.orders_v2", &format!("public.{table}"))
+}
+
+fn kafka_transport(broker: &str, registry: &str, apply_in_run: bool) -> String {
+    format!(
+        "{{ kind: kafka, batch_events: 10000, kafka: {{ brokers: \"{broker}\", registry_url: \"{registry}\", \
+         partitions: {PARTITIONS}, apply_in_run: {apply_in_run} }} }}"
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
+    let work = std::env::temp_dir().join(format!("rowshift-bench-kafka-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let kind = std::env::var("BENCH_BROKER").unwrap_or_else(|_| "noida".into());
+    let status = Command::new("scripts/kafka.sh").arg("install").status()?;
+    if !status.success() {
+        bail!("could not install the brokers");
+    }
+    let source = Cluster::start(work.join("source"), free_port()?)?;
+    let broker = Broker::start(&kind, work.join("broker"))?;
+    let registry = registry::Registry::start();
+    let mut results = Results { rows: Vec::new() };
+    let outcome = run(&source, &broker, &kind, &registry.url, &work, &mut results).await;
+    print_table(&results);
+    drop(broker);
+    drop(source);
+    match &outcome {
+        Ok(()) if std::env::var("BENCH_KEEP").is_err() => {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        _ => eprintln!("logs kept in {}", work.display()),
+    }
+    outcome
+}
+
+struct Files {
+    direct: String,
+    kafka: String,
+    produce_only: String,
+}
+
+fn write(work: &Path, name: &str, text: &str) -> Result<String> {
+    let path = work.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path.to_str().context("utf-8 path")?.to_string())
+}
+
+async fn run(
+    source: &Cluster,
+    broker: &Broker,
+    kind: &str,
+    registry: &str,
+    work: &Path,
+    results: &mut Results,
+) -> Result<()> {
+    let admin = connect(&source.dsn("postgres")).await?;
+    // Durable commits, as in the core benches (a walsender sends flushed WAL only).
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_commit = on; SELECT pg_reload_conf()")
+        .await?;
+    admin.batch_execute("CREATE DATABASE bench").await?;
+    let dsn = source.dsn("bench");
+    let src = connect(&dsn).await?;
+    load_orders(&src, ORDERS_DDL, ROWS).await?;
+    src.batch_execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
+        .await?;
+    let files = Files {
+        direct: write(
+            work,
+            "direct.yaml",
+            &pipeline(
+                "bench_direct",
+                "orders_direct",
+                "{ kind: direct, batch_events: 10000 }",
+            ),
+        )?,
+        kafka: write(
+            work,
+            "kafka.yaml",
+            &pipeline(
+                "bench_kafka",
+                "orders_kafka",
+                &kafka_transport(&broker.addr, registry, true),
+            ),
+        )?,
+        produce_only: write(
+            work,
+            "produce.yaml",
+            &pipeline(
+                "bench_kafka",
+                "orders_kafka",
+                &kafka_transport(&broker.addr, registry, false),
+            ),
+        )?,
+    };
+    for (file, log) in [
+        (&files.direct, "backfill-direct.log"),
+        (&files.kafka, "backfill-kafka.log"),
+    ] {
+        println!("backfilling {file} ...");
+        let mut child = rowshift(
+            &dsn,
+            &["run", file, "--exit-when-caught-up"],
+            &work.join(log),
+        )?;
+        if !child.0.wait()?.success() {
+            bail!(
+                "rowshift run {file} failed; see {}",
+                work.join(log).display()
+            );
+        }
+    }
+    src.batch_execute(
+        "ALTER TABLE orders_direct SET (autovacuum_enabled = false); \
+         ALTER TABLE orders_kafka SET (autovacuum_enabled = false)",
+    )
+    .await?;
+
+    // 1. End to end: the same backlog of single-row transactions, direct then kafka.
+    settle(&dsn, &[&files.direct, &files.kafka], work, &src).await?;
+    println!("building a backlog of {BACKLOG} single-row transactions ...");
+    src.batch_execute("UPDATE orders SET note = 'start-e2e' WHERE id = 2")
+        .await?;
+    let per_client = (BACKLOG / 2).to_string();
+    let mut load = pgbench(
+        source.port,
+        &[
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-t",
+            &per_client,
+            "-f",
+            "benches/sql/update.sql",
+        ],
+    )?;
+    if !load.0.wait()?.success() {
+        bail!("pgbench failed");
+    }
+    src.batch_execute("UPDATE orders SET note = 'end-e2e' WHERE id = 1")
+        .await?;
+    let direct = apply_time(
+        &dsn,
+        &files.direct,
+        "orders_direct",
+        "bench_direct",
+        work,
+        &src,
+    )
+    .await?;
+    let kafka = apply_time(
+        &dsn,
+        &files.kafka,
+        "orders_kafka",
+        "bench_kafka",
+        work,
+        &src,
+    )
+    .await?;
+    results.add(
+        &format!("end to end, 200k single-row transactions, through {kind}"),
+        "≥ 0.8× direct",
+        format!("direct transport {:.0} tx/s", BACKLOG as f64 / direct),
+        format!(
+            "{:.0} tx/s = {:.2}×",
+            BACKLOG as f64 / kafka,
+            direct / kafka
+        ),
+    );
+
+    // 2. The producer alone, one 200k-row transaction, next to decoding it.
+    settle(&dsn, &[&files.kafka], work, &src).await?;
+    src.batch_execute(
+        "CREATE PUBLICATION ref_decode FOR TABLE orders; \
+         SELECT pg_create_logical_replication_slot('ref_decode', 'pgoutput')",
+    )
+    .await?;
+    let ends = LogEnds::new(&broker.addr, "rowshift.bench_kafka")?;
+    let before = ends.total()?;
+    src.batch_execute(&format!(
+        "UPDATE orders SET amount = amount + 1 WHERE id BETWEEN 1 AND {BACKLOG}"
+    ))
+    .await?;
+    let child = rowshift(
+        &dsn,
+        &["run", &files.produce_only],
+        &work.join("produce.log"),
+    )?;
+    let (t0, t1) = ends
+        .wait_for(before, BACKLOG, Duration::from_secs(300))
+        .await?;
+    drop(child);
+    wait_slot_inactive(&src, "rowshift_bench_kafka").await?;
+    let produced = (BACKLOG - 1) as f64 / (t1 - t0).as_secs_f64();
+    let t = Instant::now();
+    let decoded: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_get_binary_changes('ref_decode', NULL, NULL, \
+             'proto_version', '1', 'publication_names', 'ref_decode')",
+            &[],
+        )
+        .await?
+        .get(0);
+    let decode_rate = BACKLOG as f64 / t.elapsed().as_secs_f64();
+    src.batch_execute("SELECT pg_drop_replication_slot('ref_decode'); DROP PUBLICATION ref_decode")
+        .await?;
+    if decoded < BACKLOG {
+        bail!("the reference slot decoded only {decoded} messages");
+    }
+    results.add(
+        &format!("producer alone (source → {kind}), one 200k-row transaction"),
+        "≥ 50,000 events/s",
+        format!("PostgreSQL decodes it (pgoutput, no client) at {decode_rate:.0} changes/s"),
+        format!("{produced:.0} events/s"),
+    );
+
+    // 3. Lag under 2,000 writes/s, through kafka and (reference) direct.
+    let (p50, p99, max, n) =
+        measure_lag(&dsn, &files.kafka, "orders_kafka", work, source.port, &src).await?;
+    wait_slot_inactive(&src, "rowshift_bench_kafka").await?;
+    let (d50, d99, _, _) = measure_lag(
+        &dsn,
+        &files.direct,
+        "orders_direct",
+        work,
+        source.port,
+        &src,
+    )
+    .await?;
+    results.add(
+        &format!(
+            "replication lag at 2,000 writes/s through {kind} (70/20/10 update/insert/delete)"
+        ),
+        "p99 < 500 ms",
+        format!("direct transport: p50 {d50:.0} ms, p99 {d99:.0} ms"),
+        format!("p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({n} probes)"),
+    );
+    Ok(())
+}
+
+/// Runs the pipelines until their slots' restart positions pass a fresh
+/// CHECKPOINT, then stops them (see `settle_slots` in core.rs: otherwise a
+/// slot re-decodes old WAL on start and the bench measures history).
+async fn settle(dsn: &str, files: &[&String], work: &Path, src: &Client) -> Result<()> {
+    let children: Vec<Proc> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| rowshift(dsn, &["run", f], &work.join(format!("settle-{i}.log"))))
+        .collect::<Result<_>>()?;
+    let mark: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let t = Instant::now();
+    loop {
+        src.batch_execute("CHECKPOINT; UPDATE orders SET note = 'settle' WHERE id = 3")
+            .await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let behind: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'rowshift_bench_%' \
+                 AND restart_lsn < $1::text::pg_lsn",
+                &[&mark],
+            )
+            .await?
+            .get(0);
+        if behind == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("replication slots did not settle past {mark}");
+        }
+    }
+    drop(children);
+    for slot in ["rowshift_bench_direct", "rowshift_bench_kafka"] {
+        wait_slot_inactive(src, slot).await?;
+    }
+    src.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
+/// Seconds from the start marker to the end marker in `table`, with the
+/// pipeline in `file` started on the backlog.
+async fn apply_time(
+    dsn: &str,
+    file: &str,
+    table: &str,
+    name: &str,
+    work: &Path,
+    src: &Client,
+) -> Result<f64> {
+    let target = connect(dsn).await?;
+    let child = rowshift(dsn, &["run", file], &work.join(format!("apply-{name}.log")))?;
+    let t0 = wait_note(&target, table, 2, "start-e2e", Duration::from_secs(300)).await?;
+    let t1 = wait_note(&target, table, 1, "end-e2e", Duration::from_secs(900)).await?;
+    drop(child);
+    wait_slot_inactive(src, &format!("rowshift_{name}")).await?;
+    Ok((t1 - t0).as_secs_f64())
+}
+
+/// The sum of a topic's log end offsets, as the broker reports them.
+struct LogEnds {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl LogEnds {
+    fn new(broker: &str, topic: &str) -> Result<LogEnds> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", broker)
+            .set("group.id", "rowshift-bench-ends")
+            .create()?;
+        Ok(LogEnds {
+            consumer,
+            topic: topic.to_string(),
+        })
+    }
+
+    fn total(&self) -> Result<i64> {
+        let mut sum = 0;
+        for part in 0..PARTITIONS {
+            let (_, hi) =
+                self.consumer
+                    .fetch_watermarks(&self.topic, part, Duration::from_secs(5))?;
+            sum += hi;
+        }
+        Ok(sum)
+    }
+
+    /// When the first record past `before` appeared, and when `n` had.
+    async fn wait_for(&self, before: i64, n: i64, limit: Duration) -> Result<(Instant, Instant)> {
+        let start = Instant::now();
+        let mut first = None;
+        loop {
+            let now = self.total()?;
+            if now > before && first.is_none() {
+                first = Some(Instant::now());
+            }
+            if now >= before + n {
+                return Ok((first.unwrap_or_else(Instant::now), Instant::now()));
+            }
+            if start.elapsed() > limit {
+                bail!("only {} of {n} records reached the broker", now - before);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
