@@ -226,6 +226,7 @@ async fn run(
         let per_client = (BACKLOG / 2).to_string();
         let mut load = pgbench(
             source.port,
+            ROWS,
             &[
                 "-c",
                 "2",
@@ -288,7 +289,7 @@ async fn run(
 
     // 3. Lag under a steady 2,000 writes/s after the backfill.
     let (p50, p99, max, n) =
-        measure_lag(&dsn, file_arg, "orders_v2", work, source.port, &src).await?;
+        measure_lag(&dsn, file_arg, "orders_v2", ROWS, work, source.port, &src).await?;
     results.add(
         "replication lag at 2,000 writes/s (70/20/10 update/insert/delete)",
         "p99 < 200 ms",

@@ -71,7 +71,22 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the process as an operator would (SIGTERM: rowshift leaves its
+    /// consumer group and releases the slot), and kills it after 15 s.
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -93,7 +108,8 @@ pub fn rowshift(dsn: &str, args: &[&str], log: &Path) -> Result<Proc> {
         .map(Proc)?)
 }
 
-pub fn pgbench(port: u16, args: &[&str]) -> Result<Proc> {
+/// pgbench on the `bench` database; the scripts pick ids up to `max_id`.
+pub fn pgbench(port: u16, max_id: i64, args: &[&str]) -> Result<Proc> {
     Ok(Command::new("/usr/lib/postgresql/15/bin/pgbench")
         .args([
             "-n",
@@ -105,6 +121,8 @@ pub fn pgbench(port: u16, args: &[&str]) -> Result<Proc> {
             "postgres",
             "-d",
             "bench",
+            "-D",
+            &format!("maxid={max_id}"),
         ])
         .args(args)
         .stdout(Stdio::null())
@@ -228,6 +246,7 @@ pub async fn measure_lag(
     dsn: &str,
     file: &str,
     target_table: &str,
+    max_id: i64,
     work: &Path,
     port: u16,
     src: &Client,
@@ -246,6 +265,7 @@ pub async fn measure_lag(
     .await?;
     let mut load = pgbench(
         port,
+        max_id,
         &[
             "-c",
             "4",

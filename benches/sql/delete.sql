@@ -1,2 +1,2 @@
-\set id random(3, 2000000)
+\set id random(3, :maxid)
 DELETE FROM orders WHERE id = :id;

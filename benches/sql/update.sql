@@ -1,2 +1,2 @@
-\set id random(3, 2000000)
+\set id random(3, :maxid)
 UPDATE orders SET amount = amount + 1, status = 'paid' WHERE id = :id;

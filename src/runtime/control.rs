@@ -387,9 +387,29 @@ pub async fn abort(dsn: &str, name: &str) -> Result<Vec<String>> {
             done.push(format!("dropped target table {t}"));
         }
     }
+    if let Some(topic) = &record.created_topic {
+        done.push(match delete_topic(dsn, name, topic).await {
+            Ok(()) => format!("deleted kafka topic {topic}"),
+            Err(e) => format!("left kafka topic {topic} in place: {e}"),
+        });
+    }
     state::delete_pipeline(&client, name).await?;
     done.push(format!("removed the state of pipeline {name}"));
     Ok(done)
+}
+
+/// Deletes the topic rowshift created, with the broker settings of the
+/// pipeline's file (secrets from their environment variables).
+async fn delete_topic(dsn: &str, name: &str, topic: &str) -> Result<()> {
+    let file = pipeline_file(dsn, name).await?;
+    let p = crate::spec::load(&file).map_err(|e| Error::Config {
+        reason: format!("read {} for the broker settings: {e}", file.display()),
+    })?;
+    let k = p.transport.kafka.as_ref().ok_or_else(|| Error::Config {
+        reason: format!("{} no longer names a kafka transport", file.display()),
+    })?;
+    let brokers = k.brokers.resolve("transport.kafka.brokers")?;
+    crate::transport::kafka::producer::delete_topic(&brokers, &k.client_properties()?, topic).await
 }
 
 /// Drops a replication slot if it exists, ending a walsender that still

@@ -101,7 +101,10 @@ pub async fn run(
     let registry = k.registry_url.resolve("transport.kafka.registry_url")?;
     let props = k.client_properties()?;
     let topic = p.kafka_topic();
-    ensure_topic(&brokers, &props, &topic, k.partitions, k.replication_factor).await?;
+    if ensure_topic(&brokers, &props, &topic, k.partitions, k.replication_factor).await? {
+        // (A crash right here leaves the topic unrecorded: abort then keeps it.)
+        state::kafka::record_topic(&control, &p.name, &topic).await?;
+    }
     let producer = Producer::new(&brokers, &props)?;
     let partitions = producer.partitions(&topic).await?;
     state::kafka::init(&control, &p.name, partitions).await?;

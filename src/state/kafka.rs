@@ -43,6 +43,18 @@ pub async fn init(client: &Client, name: &str, partitions: i32) -> Result<()> {
     Ok(())
 }
 
+/// Records that rowshift created the pipeline's topic (abort deletes it).
+pub async fn record_topic(client: &Client, name: &str, topic: &str) -> Result<()> {
+    client
+        .execute(
+            "UPDATE rowshift.pipelines SET created_topic = $2 WHERE name = $1",
+            &[&name, &topic],
+        )
+        .await
+        .map_err(Error::db("record the kafka topic"))?;
+    Ok(())
+}
+
 /// The pipeline's incarnation: records carrying another one are a previous
 /// pipeline's of the same name, left in a reused topic, and are skipped.
 pub async fn incarnation(client: &Client, name: &str) -> Result<String> {

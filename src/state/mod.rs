@@ -87,6 +87,8 @@ pub struct PipelineRecord {
     /// Where the active direction's stream starts (set at each swap).
     pub start_lsn: Option<Lsn>,
     pub rev_applied_lsn: Option<Lsn>,
+    /// The kafka topic rowshift created for this pipeline, if it did.
+    pub created_topic: Option<String>,
 }
 
 impl PipelineRecord {
@@ -131,7 +133,7 @@ pub async fn load(client: &Client, name: &str) -> Result<Option<PipelineRecord>>
         .query_opt(
             "SELECT name, spec_hash, source_table, target_table, phase, desired, created_target, \
                     created_publication, created_slot, ranges_planned, applied_lsn::text, \
-                    direction, start_lsn::text, rev_applied_lsn::text \
+                    direction, start_lsn::text, rev_applied_lsn::text, created_topic \
              FROM rowshift.pipelines WHERE name = $1",
             &[&name],
         )
@@ -156,6 +158,7 @@ pub async fn load(client: &Client, name: &str) -> Result<Option<PipelineRecord>>
         direction: r.get(11),
         start_lsn: r.get::<_, Option<String>>(12).and_then(|s| Lsn::parse(&s)),
         rev_applied_lsn: r.get::<_, Option<String>>(13).and_then(|s| Lsn::parse(&s)),
+        created_topic: r.get(14),
     }))
 }
 

@@ -129,6 +129,8 @@ const STEPS: &[&str] = &[
     // (appliers seek back to the position), and why a repair was queued
     "ALTER TABLE rowshift.kafka_applied ADD COLUMN rewinds int8 NOT NULL DEFAULT 0;
      ALTER TABLE rowshift.repairs ADD COLUMN reason text NOT NULL DEFAULT 'verify';",
+    // 6: the kafka topic rowshift created for the pipeline (abort deletes it)
+    "ALTER TABLE rowshift.pipelines ADD COLUMN created_topic text;",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
-const ROWS: i64 = 20_000;
+pub(crate) const ROWS: i64 = 20_000;
 
 /// `orders` with a serial key, a view, a referencing table and a grant.
-async fn create_orders(c: &Client, role: &str) {
+pub(crate) async fn create_orders(c: &Client, role: &str) {
     c.batch_execute(&format!(
         "CREATE TABLE orders (
             id bigserial PRIMARY KEY,
@@ -39,7 +39,7 @@ async fn create_orders(c: &Client, role: &str) {
     .expect("create orders");
 }
 
-fn orders_pipeline(name: &str, extra: &str) -> String {
+pub(crate) fn orders_pipeline(name: &str, extra: &str) -> String {
     format!(
         r#"
 name: {name}
@@ -70,17 +70,18 @@ verify: {{ chunk_rows: 1000 }}
     )
 }
 
-const OLD_MAPPED: &str =
+pub(crate) const OLD_MAPPED: &str =
     "SELECT id, customer_id, round(amount * 100)::bigint, status, note FROM orders_old";
-const NEW_AS_TABLE: &str = "(SELECT id, customer_id, amount_cents, state, note FROM orders) n";
+pub(crate) const NEW_AS_TABLE: &str =
+    "(SELECT id, customer_id, amount_cents, state, note FROM orders) n";
 
 /// Clients writing through the name `orders` with columns both shapes have.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     handles: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
 }
 
-async fn start_load(db: &TestDb, clients: u64) -> Load {
+pub(crate) async fn start_load(db: &TestDb, clients: u64) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for i in 0..clients {
@@ -119,7 +120,7 @@ async fn start_load(db: &TestDb, clients: u64) -> Load {
 }
 
 impl Load {
-    async fn stop(self) -> u64 {
+    pub(crate) async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = 0;
         for h in self.handles {
@@ -133,7 +134,7 @@ impl Load {
 }
 
 /// Waits until the active stream applied everything written so far.
-async fn wait_applied(c: &Client, name: &str) {
+pub(crate) async fn wait_applied(c: &Client, name: &str) {
     let target: String = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -164,7 +165,7 @@ async fn phase(c: &Client, name: &str) -> String {
     .get(0)
 }
 
-async fn wait_phase(c: &Client, name: &str, want: &[&str]) {
+pub(crate) async fn wait_phase(c: &Client, name: &str, want: &[&str]) {
     wait_for(
         &format!("phase {want:?}"),
         Duration::from_secs(120),
@@ -190,7 +191,7 @@ async fn exists(c: &Client, table: &str) -> bool {
 }
 
 /// Which shape the table named `orders` has: "old" or "new".
-async fn live_shape(c: &Client) -> &'static str {
+pub(crate) async fn live_shape(c: &Client) -> &'static str {
     let has_amount: bool = c
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attname = 'amount')",
@@ -208,7 +209,7 @@ async fn live_shape(c: &Client) -> &'static str {
 
 /// Ends a test: the pipeline is contracted (when cut over) or aborted, so no
 /// slot is left on the shared test cluster, and nothing of rowshift remains.
-async fn finish(db: &TestDb, c: &Client, name: &str) {
+pub(crate) async fn finish(db: &TestDb, c: &Client, name: &str) {
     let (out, gone) = if live_shape(c).await == "new" {
         (db.rowshift(&["contract", name, "--confirm"]), "orders_old")
     } else {
@@ -218,7 +219,7 @@ async fn finish(db: &TestDb, c: &Client, name: &str) {
     assert_no_leftovers(c, gone).await;
 }
 
-fn ok(out: &std::process::Output, what: &str) -> String {
+pub(crate) fn ok(out: &std::process::Output, what: &str) -> String {
     assert!(
         out.status.success(),
         "{what} failed:\n{}\n{}",

@@ -226,8 +226,7 @@ async fn torture(broker_var: &str, seed: u64, writers: u64) {
 
     kill(&mut apply);
     kill(&mut run);
-    let out = db.rowshift(&["abort", &name]);
-    assert!(out.status.success(), "abort: {}", stderr(&out));
+    abort_deletes_topic(&db, &brokers, &name);
     assert_no_leftovers(&c, &name).await;
 }
 
@@ -341,8 +340,7 @@ async fn fault(stop_broker: bool) {
     assert_same(&c, &name).await;
     kill(&mut second);
     kill(&mut run);
-    let out = db.rowshift(&["abort", &name]);
-    assert!(out.status.success(), "abort: {}", stderr(&out));
+    abort_deletes_topic(&db, &brokers, &name);
     assert_no_leftovers(&c, &name).await;
 }
 
@@ -465,8 +463,31 @@ async fn a_column_added_on_the_source_registers_a_new_version() {
     assert!(deleted > 200, "the deletes reached the topic");
 
     kill(&mut run);
-    let out = db.rowshift(&["abort", &name]);
+    abort_deletes_topic(&db, &brokers, &name);
+}
+
+/// `rowshift abort` removes the topic rowshift created, with the rest.
+fn abort_deletes_topic(db: &TestDb, brokers: &str, name: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let out = db.rowshift(&["abort", name]);
     assert!(out.status.success(), "abort: {}", stderr(&out));
+    let topic = format!("rowshift.{name}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("deleted kafka topic {topic}")),
+        "{said}"
+    );
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("kafka client");
+    let md = client
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    assert!(
+        md.topics().iter().all(|t| t.name() != topic),
+        "topic {topic} is still there after abort"
+    );
 }
 
 /// The JSON body of a GET (HTTP/1.0, for the fixture registry).

@@ -4,6 +4,7 @@ mod bad_input;
 mod consistency;
 mod cutover;
 mod kafka;
+mod kafka_cutover;
 mod kafka_pipeline;
 mod migrate;
 #[path = "../support/registry.rs"]

@@ -141,13 +141,8 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: i32,
     replication: i32,
-) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        config(brokers, passthrough)
-            .create()
-            .map_err(|e| Error::Config {
-                reason: format!("kafka admin client: {e}"),
-            })?;
+) -> Result<bool> {
+    let admin = admin(brokers, passthrough)?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let results = admin
         .create_topics(
@@ -156,9 +151,11 @@ pub async fn ensure_topic(
         )
         .await
         .map_err(|e| Error::Replication(format!("create kafka topic {topic}: {e}")))?;
+    let mut created = false;
     for r in results {
         match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => created = true,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
                 return Err(Error::Replication(format!(
                     "create kafka topic {t}: {code}"
@@ -166,5 +163,35 @@ pub async fn ensure_topic(
             }
         }
     }
+    Ok(created)
+}
+
+/// Deletes `topic` (gone already is fine).
+pub async fn delete_topic(brokers: &str, passthrough: &Passthrough, topic: &str) -> Result<()> {
+    let results = admin(brokers, passthrough)?
+        .delete_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(|e| Error::Replication(format!("delete kafka topic {topic}: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((t, code)) => {
+                return Err(Error::Replication(format!(
+                    "delete kafka topic {t}: {code}"
+                )))
+            }
+        }
+    }
     Ok(())
+}
+
+fn admin(brokers: &str, passthrough: &Passthrough) -> Result<AdminClient<DefaultClientContext>> {
+    config(brokers, passthrough)
+        .create()
+        .map_err(|e| Error::Config {
+            reason: format!("kafka admin client: {e}"),
+        })
 }
