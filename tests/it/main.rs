@@ -3,6 +3,7 @@
 mod bad_input;
 mod consistency;
 mod cutover;
+mod cutover_crash;
 mod kafka;
 mod kafka_cutover;
 mod kafka_pipeline;
