@@ -1,6 +1,7 @@
 //! Pipelines on the kafka transport against real brokers (tansu and
 //! noida-db) and the fixture registry: the consistency torture test with
-//! two appliers, stock clients reading the pipeline's topic, and the fault
+//! two appliers on each broker, stock clients reading the pipeline's topic,
+//! a column added to the source (a new schema version), and the fault
 //! tests (an applier killed, the broker stopped for 20 s). Every check is a
 //! full comparison of the target with the mapped source.
 
