@@ -217,34 +217,13 @@ async fn run(
 
         // 2a. A backlog of single-row transactions, built while both consumers are stopped.
         settle_slots(&dsn, wfile, work, &src, &sub).await?;
-        println!("building a backlog of {BACKLOG} single-row transactions ...");
-        src.batch_execute(&format!(
-            "UPDATE orders SET note = 'start-{}' WHERE id = 2",
-            tag(1)
-        ))
-        .await?;
-        let per_client = (BACKLOG / 2).to_string();
-        let mut load = pgbench(
+        single_row_backlog(
+            &src,
             source.port,
             ROWS,
-            &[
-                "-c",
-                "2",
-                "-j",
-                "2",
-                "-t",
-                &per_client,
-                "-f",
-                "benches/sql/update.sql",
-            ],
-        )?;
-        if !load.0.wait()?.success() {
-            bail!("pgbench failed");
-        }
-        src.batch_execute(&format!(
-            "UPDATE orders SET note = 'end-{}' WHERE id = 1",
-            tag(1)
-        ))
+            BACKLOG,
+            (&format!("start-{}", tag(1)), &format!("end-{}", tag(1))),
+        )
         .await?;
         let (ours, theirs) = measure_apply(&dsn, wfile, work, &src, &sub, &tag(1)).await?;
         results.add(

@@ -218,29 +218,7 @@ async fn run(
         &src,
     )
     .await?;
-    println!("building a backlog of {BACKLOG} single-row transactions ...");
-    src.batch_execute("UPDATE orders SET note = 'start-e2e' WHERE id = 2")
-        .await?;
-    let per_client = (BACKLOG / 2).to_string();
-    let mut load = pgbench(
-        source.port,
-        ROWS,
-        &[
-            "-c",
-            "2",
-            "-j",
-            "2",
-            "-t",
-            &per_client,
-            "-f",
-            "benches/sql/update.sql",
-        ],
-    )?;
-    if !load.0.wait()?.success() {
-        bail!("pgbench failed");
-    }
-    src.batch_execute("UPDATE orders SET note = 'end-e2e' WHERE id = 1")
-        .await?;
+    single_row_backlog(&src, source.port, ROWS, BACKLOG, ("start-e2e", "end-e2e")).await?;
     let direct = apply_time(
         &dsn,
         &files.direct,

@@ -303,3 +303,38 @@ pub async fn measure_lag(
     let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
     Ok((pct(0.5), pct(0.99), pct(1.0), samples.len()))
 }
+
+/// A backlog of `n` single-row `UPDATE`s (pgbench, 2 clients, ids up to
+/// `max_id`) between two markers: note `start` on id 2, then `end` on id 1.
+pub async fn single_row_backlog(
+    src: &Client,
+    port: u16,
+    max_id: i64,
+    n: i64,
+    (start, end): (&str, &str),
+) -> Result<()> {
+    println!("building a backlog of {n} single-row transactions ...");
+    src.execute("UPDATE orders SET note = $1 WHERE id = 2", &[&start])
+        .await?;
+    let per_client = (n / 2).to_string();
+    let mut load = pgbench(
+        port,
+        max_id,
+        &[
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-t",
+            &per_client,
+            "-f",
+            "benches/sql/update.sql",
+        ],
+    )?;
+    if !load.0.wait()?.success() {
+        bail!("pgbench failed");
+    }
+    src.execute("UPDATE orders SET note = $1 WHERE id = 1", &[&end])
+        .await?;
+    Ok(())
+}

@@ -45,6 +45,21 @@ pub struct Stream {
     pub start_lsn: Option<Lsn>,
 }
 
+impl Stream {
+    /// The forward stream: old table (live) → new table.
+    pub fn forward(p: &Pipeline, mapping: Arc<Mapping>, start_lsn: Option<Lsn>) -> Stream {
+        Stream {
+            reverse: false,
+            slot: p.slot_name(),
+            publication: p.publication_name(),
+            source: p.source_table.clone(),
+            target: p.target_table.clone(),
+            mapping,
+            start_lsn,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     p: &Pipeline,

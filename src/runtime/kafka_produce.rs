@@ -273,12 +273,7 @@ pub async fn run(
                         }
                         // Marks made before hold offsets the broker reuses.
                         marks.clear();
-                        // Not caught up until the whole table was read again.
-                        backfill_done = None;
-                        if caught_up {
-                            caught_up = false;
-                            state::set_phase(&control, &p.name, Phase::Backfilling, Some(("the kafka broker lost acknowledged records", "the whole table is being read again through the topic"))).await?;
-                        }
+                        resync_started(&control, &p.name, &mut caught_up, &mut backfill_done).await?;
                     }
                     if carried.ack.is_some() {
                         unconfirmed = carried.ack;
@@ -422,6 +417,31 @@ pub async fn run(
     }
     stop_source(&p.name, rx, reader).await;
     result
+}
+
+/// The whole table is being read again after the broker lost records: not
+/// caught up until that is done.
+async fn resync_started(
+    control: &Client,
+    name: &str,
+    caught_up: &mut bool,
+    backfill_done: &mut Option<Option<Lsn>>,
+) -> Result<()> {
+    *backfill_done = None;
+    if *caught_up {
+        *caught_up = false;
+        state::set_phase(
+            control,
+            name,
+            Phase::Backfilling,
+            Some((
+                "the kafka broker lost acknowledged records",
+                "the whole table is being read again through the topic",
+            )),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Pops the marks every partition has applied; returns the newest.

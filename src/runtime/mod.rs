@@ -180,15 +180,7 @@ async fn run_forward(
             store_estimate(control, p, checked).await?;
             kafka_chunks::plan_range(control, p, &mapping).await?;
         }
-        let stream = Stream {
-            reverse: false,
-            slot: p.slot_name(),
-            publication: p.publication_name(),
-            source: p.source_table.clone(),
-            target: p.target_table.clone(),
-            mapping,
-            start_lsn: record.start_lsn,
-        };
+        let stream = Stream::forward(p, mapping, record.start_lsn);
         let control = connect(dsn, "control").await?;
         return kafka_produce::run(
             p, dsn, control, stream, schema, epoch, &record, opts, cancel,
@@ -236,15 +228,7 @@ async fn run_forward(
     if !backfill.finished() && record.phase != Phase::Backfilling.as_str() {
         state::set_phase(control, &p.name, Phase::Backfilling, None).await?;
     }
-    let stream = Stream {
-        reverse: false,
-        slot: p.slot_name(),
-        publication: p.publication_name(),
-        source: p.source_table.clone(),
-        target: p.target_table.clone(),
-        mapping,
-        start_lsn: record.start_lsn,
-    };
+    let stream = Stream::forward(p, mapping, record.start_lsn);
     let control = connect(dsn, "control").await?;
     apply_loop::run(
         p, dsn, control, stream, backfill, epoch, &record, opts, cancel,

@@ -24,22 +24,18 @@ pub struct PartBatch {
 
 /// Creates the position rows of `partitions` partitions (existing rows stay).
 pub async fn init(client: &Client, name: &str, partitions: i32) -> Result<()> {
-    client
-        .execute(
-            "INSERT INTO rowshift.kafka_applied (pipeline, part) SELECT $1, g FROM generate_series(0, $2 - 1) g \
-             ON CONFLICT DO NOTHING",
-            &[&name, &partitions],
-        )
-        .await
-        .map_err(Error::db("create kafka positions"))?;
-    client
-        .execute(
-            "INSERT INTO rowshift.kafka_produced (pipeline, part) SELECT $1, g FROM generate_series(0, $2 - 1) g \
-             ON CONFLICT DO NOTHING",
-            &[&name, &partitions],
-        )
-        .await
-        .map_err(Error::db("create kafka positions"))?;
+    for table in ["kafka_applied", "kafka_produced"] {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO rowshift.{table} (pipeline, part) \
+                     SELECT $1, g FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING"
+                ),
+                &[&name, &partitions],
+            )
+            .await
+            .map_err(Error::db("create kafka positions"))?;
+    }
     Ok(())
 }
 
@@ -143,13 +139,26 @@ pub async fn resync_pending(client: &Client, name: &str) -> Result<bool> {
 pub async fn rewind(client: &Client, name: &str, part: i32, at: i64, open: &[i64]) -> Result<()> {
     client
         .execute(
-            "WITH a AS (UPDATE rowshift.kafka_applied SET next_offset = $3, rewinds = rewinds + 1                 WHERE pipeline = $1 AND part = $2 AND next_offset > $3 RETURNING 1),              p AS (UPDATE rowshift.kafka_produced SET next_offset = $3, produced_at = now()                 WHERE pipeline = $1 AND part = $2 RETURNING 1)              INSERT INTO rowshift.repairs (pipeline, reason) SELECT $1, 'broker lost records'              WHERE NOT EXISTS (SELECT 1 FROM rowshift.repairs WHERE pipeline = $1 AND done_at IS NULL                 AND reason = 'broker lost records' AND lo IS NULL AND id <> ALL($4::int8[]))",
+            &format!(
+                "WITH a AS (UPDATE rowshift.kafka_applied SET next_offset = $3, rewinds = rewinds + 1 \
+                    WHERE pipeline = $1 AND part = $2 AND next_offset > $3 RETURNING 1), \
+                 p AS (UPDATE rowshift.kafka_produced SET next_offset = $3, produced_at = now() \
+                    WHERE pipeline = $1 AND part = $2 RETURNING 1) \
+                 {QUEUE_RESYNC}"
+            ),
             &[&name, &part, &at, &open],
         )
         .await
         .map_err(Error::db("rewind kafka positions"))?;
     Ok(())
 }
+
+/// Queues a repair of the whole table ($1: pipeline) unless one is queued
+/// and not started ($4: the repairs being read).
+const QUEUE_RESYNC: &str = "INSERT INTO rowshift.repairs (pipeline, reason) \
+    SELECT $1, 'broker lost records' WHERE NOT EXISTS (SELECT 1 FROM rowshift.repairs \
+    WHERE pipeline = $1 AND done_at IS NULL AND reason = 'broker lost records' \
+    AND lo IS NULL AND id <> ALL($4::int8[]))";
 
 /// Records how far each partition has been produced (acknowledged).
 pub async fn save_produced(client: &Client, name: &str, ends: &[i64]) -> Result<()> {

@@ -219,6 +219,31 @@ pub(crate) async fn finish(db: &TestDb, c: &Client, name: &str) {
     assert_no_leftovers(c, gone).await;
 }
 
+/// A changed, a deleted and an extra row in the target `orders_v2`.
+pub(crate) async fn corrupt_target(c: &Client) {
+    c.batch_execute(
+        "UPDATE orders_v2 SET note = 'corrupt' WHERE id = 1500; \
+         DELETE FROM orders_v2 WHERE id = 7500; \
+         INSERT INTO orders_v2 (id, customer_id, amount_cents, state) VALUES (10000000, 1, 1, 'x')",
+    )
+    .await
+    .expect("corrupt the target");
+}
+
+/// `rowshift cutover` while `load` writes; then the load stops (it must
+/// have run `min` statements) and the new table carries the name.
+pub(crate) async fn cut_over_under(db: &TestDb, c: &Client, name: &str, load: Load, min: u64) {
+    let out = ok(&db.rowshift(&["cutover", name]), "cutover");
+    assert!(out.contains("write pause"), "{out}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let statements = load.stop().await;
+    assert!(
+        statements > min,
+        "the load ran only {statements} statements"
+    );
+    assert_eq!(live_shape(c).await, "new");
+}
+
 pub(crate) fn ok(out: &std::process::Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -268,15 +293,7 @@ async fn cutover_rollback_and_contract_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let verified = ok(&db.rowshift(&["verify", &name]), "verify under load");
     assert!(verified.contains("0 mismatched"), "{verified}");
-    let out = ok(&db.rowshift(&["cutover", &name]), "cutover");
-    assert!(out.contains("write pause"), "{out}");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let statements = load.stop().await;
-    assert!(
-        statements > 200,
-        "the load ran only {statements} statements"
-    );
-    assert_eq!(live_shape(&c).await, "new");
+    cut_over_under(&db, &c, &name, load, 200).await;
     assert!(exists(&c, "orders_old").await && !exists(&c, "orders_v2").await);
 
     // Every committed write is in the live table; the reverse stream kept
@@ -445,13 +462,7 @@ async fn verify_finds_and_repairs_corruption() {
     let file = db.pipeline("orders.yaml", &orders_pipeline(&name, ""));
     let _run = db.spawn_run(&file, "run");
     wait_phase(&c, &name, &["caught_up"]).await;
-    c.batch_execute(
-        "UPDATE orders_v2 SET note = 'corrupt' WHERE id = 1500; \
-         DELETE FROM orders_v2 WHERE id = 7500; \
-         INSERT INTO orders_v2 (id, customer_id, amount_cents, state) VALUES (10000000, 1, 1, 'x')",
-    )
-    .await
-    .expect("corrupt the target");
+    corrupt_target(&c).await;
     let bad = db.rowshift(&["verify", &name, "--output", "json"]);
     assert!(
         !bad.status.success(),

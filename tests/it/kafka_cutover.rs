@@ -27,13 +27,7 @@ async fn cutover_repair_and_rollback_through_kafka() {
     wait_phase(&c, &name, &["caught_up"]).await;
 
     // A changed, a deleted and an extra target row, repaired through the topic.
-    c.batch_execute(
-        "UPDATE orders_v2 SET note = 'corrupt' WHERE id = 1500; \
-         DELETE FROM orders_v2 WHERE id = 7500; \
-         INSERT INTO orders_v2 (id, customer_id, amount_cents, state) VALUES (10000000, 1, 1, 'x')",
-    )
-    .await
-    .expect("corrupt the target");
+    corrupt_target(&c).await;
     let load = start_load(&db, 2).await;
     let fixed = ok(
         &db.rowshift(&["verify", &name, "--repair"]),
@@ -44,15 +38,7 @@ async fn cutover_repair_and_rollback_through_kafka() {
     assert!(verified.contains("0 mismatched"), "{verified}");
 
     // Cut over under the load: every committed write is in the live table.
-    let out = ok(&db.rowshift(&["cutover", &name]), "cutover");
-    assert!(out.contains("write pause"), "{out}");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let statements = load.stop().await;
-    assert!(
-        statements > 100,
-        "the load ran only {statements} statements"
-    );
-    assert_eq!(live_shape(&c).await, "new");
+    cut_over_under(&db, &c, &name, load, 100).await;
     wait_applied(&c, &name).await;
     if let Some(d) = diff(&c, OLD_MAPPED, NEW_AS_TABLE).await {
         panic!("old and new differ after the cut-over:\n{d}");
