@@ -13,13 +13,14 @@
 //!
 //! Skipping what lies below a stored position is only right if this
 //! consumer has read the partition without a gap from at or below that
-//! position. A member's read position comes from the group's committed
-//! offset, which trails the stored position, except after a *rewind* (a
-//! broker lost acknowledged records and reuses their offsets; see
-//! [`state::kafka::rewind`]). So each applier tracks, per partition, the
-//! offset from which its consumer has read without a gap ([`Reach`]), and
-//! seeks back to the stored position when that lies higher, or when the
-//! position's rewind count changed since.
+//! position. A newly assigned partition starts at the stored position as
+//! this applier last read it (not at the group's committed offset, which
+//! after a *rewind*, when a broker lost acknowledged records and reuses
+//! their offsets, see [`state::kafka::rewind`], can lie past the broker's
+//! log). That position can be stale, so each applier also tracks, per
+//! partition, the offset from which its consumer has read without a gap
+//! ([`Reach`]), and seeks back to the stored position when that lies
+//! higher, or when the position's rewind count changed since.
 
 use super::Exit;
 use crate::error::{Error, Result};
@@ -97,6 +98,8 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             }
         }
+        // A partition assigned during the poll starts at its stored position.
+        consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
         let mut polled = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,

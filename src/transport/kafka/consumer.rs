@@ -10,13 +10,14 @@ use crate::error::{Error, Result};
 use crate::model::ChangeEvent;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,18 +45,64 @@ impl Polled {
     }
 }
 
-/// Notes the partitions each rebalance assigns: a newly assigned partition
-/// starts at the group's committed offset, which the caller checks against
-/// its own stored position.
+/// Starts each newly assigned partition at the caller's stored position
+/// (not the group's committed offset, which can point past a broker's log
+/// after it lost records) and notes the partitions assigned, which the
+/// caller checks against its positions once they are read.
 #[derive(Default)]
-struct Assignments(Arc<Mutex<Vec<i32>>>);
+struct Assignments {
+    assigned: Arc<Mutex<Vec<i32>>>,
+    /// Partition → the offset to start at (see [`Consumer::set_starts`]).
+    starts: Arc<Mutex<HashMap<i32, i64>>>,
+}
 
 impl ClientContext for Assignments {}
 
 impl ConsumerContext for Assignments {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let (Rebalance::Assign(tpl), Ok(mut assigned)) = (rebalance, self.0.lock()) {
-            assigned.extend(tpl.elements().iter().map(|e| e.partition()));
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                if let Ok(starts) = self.starts.lock() {
+                    for (topic, part) in &parts {
+                        if let Some(&at) = starts.get(part) {
+                            let _ = tpl.set_partition_offset(topic, *part, Offset::Offset(at));
+                        }
+                    }
+                }
+                if let Ok(mut assigned) = self.assigned.lock() {
+                    assigned.extend(tpl.elements().iter().map(|e| e.partition()));
+                }
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if cooperative => {
+                consumer.incremental_unassign(tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign(),
+            other => {
+                tracing::warn!(error = ?other, "kafka rebalance error");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "kafka rebalance: (un)assign failed");
         }
     }
 }
@@ -63,6 +110,7 @@ impl ConsumerContext for Assignments {
 pub struct Consumer {
     inner: StreamConsumer<Assignments>,
     assigned: Arc<Mutex<Vec<i32>>>,
+    starts: Arc<Mutex<HashMap<i32, i64>>>,
     topic: String,
     decoder: AvroDecoder<'static>,
 }
@@ -86,10 +134,10 @@ impl Consumer {
         for (k, v) in passthrough {
             cfg.set(k, v);
         }
-        let assigned = Arc::new(Mutex::new(Vec::new()));
-        let inner: StreamConsumer<Assignments> = cfg
-            .create_with_context(Assignments(assigned.clone()))
-            .map_err(|e| Error::Config {
+        let ctx = Assignments::default();
+        let (assigned, starts) = (ctx.assigned.clone(), ctx.starts.clone());
+        let inner: StreamConsumer<Assignments> =
+            cfg.create_with_context(ctx).map_err(|e| Error::Config {
                 reason: format!("kafka consumer: {e}"),
             })?;
         inner
@@ -98,6 +146,7 @@ impl Consumer {
         Ok(Consumer {
             inner,
             assigned,
+            starts,
             topic: topic.to_string(),
             decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
         })
@@ -156,6 +205,14 @@ impl Consumer {
             out.items.push(item);
         }
         Ok(out)
+    }
+
+    /// Where partitions assigned from now on start (the stored positions).
+    pub fn set_starts(&self, starts: impl Iterator<Item = (i32, i64)>) {
+        if let Ok(mut s) = self.starts.lock() {
+            s.clear();
+            s.extend(starts);
+        }
     }
 
     /// The partitions assigned to this member since the last call.

@@ -1,7 +1,7 @@
 //! The `kafka` transport: change events as Avro records in Kafka topics
 //! (Confluent wire format, Debezium-compatible envelope).
 //!
-//! Built so far, each tested against both test brokers (tansu, noida-db):
+//! The parts, each tested against both test brokers (tansu, noida-db):
 //! - [`avro`]: PostgreSQL types → Avro types and text values → Avro values
 //!   (refusing the types it cannot carry);
 //! - [`envelope`]: per-table key/value schemas and the records of every kind
@@ -10,27 +10,16 @@
 //! - [`codec`]: Confluent wire-format encoding through
 //!   `schema_registry_converter` (schemas registered under `<topic>-key` and
 //!   `<topic>-value`);
-//! - [`producer`]: idempotent, `acks=all`; a send returns after the broker's
-//!   acknowledgement;
+//! - [`producer`]: idempotent, `acks=all`; each send's acknowledgement is
+//!   awaited in stream order before the slot is confirmed past it;
+//! - [`snapshot`]: the DBLog-style backfill chunks and why they are correct;
 //! - [`decode`] and [`consumer`]: a consumer-group member that turns records
-//!   back into change events and commits offsets only when told.
+//!   back into change events, starts newly assigned partitions at the stored
+//!   positions and commits offsets only when told.
 //!
-//! Not wired into pipelines yet (`transport.kind: kafka` is still refused by
-//! the pipeline reader). The plan for the rest:
-//! - The producer runs in `rowshift run`: replication reader → records →
-//!   sends in flight in stream order; the slot is confirmed up to the newest
-//!   position whose every earlier send was acknowledged.
-//! - The backfill moves to the producer as DBLog watermarks (the design's
-//!   invariant 1): a low watermark message, the chunk's select, a high
-//!   watermark message; rows of the chunk whose keys change between the two
-//!   are dropped, the rest are produced as `op: r` right at the high
-//!   watermark. Every write of the target then goes through the partitioned
-//!   stream in per-key order, so any number of appliers can share it.
-//! - Appliers (`rowshift run` and `rowshift apply NAME`) apply polled events
-//!   with the PostgreSQL sink and record per-partition positions in the
-//!   state store in the same transaction; heartbeats and the cut-over fence
-//!   are produced to every partition, so "applied past X" is the minimum
-//!   over partitions.
+//! The pipeline side (producer loop, appliers, marks that give the applied
+//! LSN) lives in `crate::runtime` (`kafka_produce`, `kafka_apply`,
+//! `kafka_chunks`, `kafka_schema`).
 
 pub mod avro;
 pub mod codec;
