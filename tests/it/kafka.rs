@@ -380,3 +380,86 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
         assert_eq!(n, 5, "{name}: a new group reads from the beginning");
     }
 }
+
+/// noida-db 0.2.3 answers a fetch with everything from the offset to the log
+/// end, whatever its size limits say; tansu honours them. With a small
+/// `receive.message.max.bytes` the consumer must say so clearly (not retry a
+/// "bad message" forever); with rowshift's default it reads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_response_over_the_client_limit_is_named() {
+    use rowshift::error::Error;
+    use rowshift::transport::kafka::consumer::Consumer;
+    use rowshift::transport::kafka::decode::Layout;
+    use std::time::{Duration, Instant};
+    let registry = Registry::start();
+    let cols = columns();
+    let table = TableName::parse("public.items").expect("name");
+    let schema = TableSchema::new("t", "p", "shop", &table, &cols, vec![0]).expect("schema");
+    let layout = Layout {
+        columns: &schema.columns,
+        key: &schema.key,
+    };
+    let small: Vec<(String, String)> = [
+        ("receive.message.max.bytes", "2000000"),
+        ("fetch.max.bytes", "1000000"),
+        ("max.partition.fetch.bytes", "1000000"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    const RECORDS: usize = 40;
+    for (name, var) in BROKERS {
+        let brokers = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
+        let topic = format!("big_{name}_{:08x}", rand::random::<u32>());
+        let producer = Producer::new(&brokers, &Vec::new()).expect("producer");
+        let value = vec![7u8; 100_000];
+        for i in 0..RECORDS {
+            producer
+                .send(&topic, format!("k{i}").as_bytes(), Some(&value))
+                .await
+                .expect("produce");
+        }
+        // Records without rowshift's incarnation header are read, not decoded.
+        let read_all = |props: Vec<(String, String)>, group: String| {
+            let (brokers, topic, registry) = (brokers.clone(), topic.clone(), registry.url.clone());
+            let layout = &layout;
+            async move {
+                let consumer =
+                    Consumer::new(&brokers, &group, &topic, &registry, &props).expect("consumer");
+                let mut n = 0;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while n < RECORDS && Instant::now() < deadline {
+                    n += consumer
+                        .poll(layout, 100, Duration::from_secs(1), Some("none"))
+                        .await?
+                        .items
+                        .len();
+                }
+                Ok::<usize, Error>(n)
+            }
+        };
+        let limited = read_all(small.clone(), format!("g1_{topic}")).await;
+        if *name == "noida" {
+            match limited {
+                Err(Error::Config { reason }) => assert!(
+                    reason.contains("receive.message.max.bytes")
+                        && reason.contains("ignores the fetch size limits"),
+                    "{name}: {reason}"
+                ),
+                other => {
+                    panic!("{name}: expected the oversized response to be named, got {other:?}")
+                }
+            }
+        } else {
+            assert_eq!(
+                limited.expect("tansu honours fetch.max.bytes"),
+                RECORDS,
+                "{name}"
+            );
+        }
+        let n = read_all(Vec::new(), format!("g2_{topic}"))
+            .await
+            .expect("read");
+        assert_eq!(n, RECORDS, "{name}: the default limit reads everything");
+    }
+}

@@ -73,7 +73,13 @@ impl TestDb {
         let mut c = Command::new(env!("CARGO_BIN_EXE_rowshift"));
         c.args(args)
             .env("ROWSHIFT_SOURCE_DSN", &self.dsn)
-            .env("RUST_LOG", "info,pg_walstream=warn");
+            // ROWSHIFT_TEST_LOG: the spawned processes' log filter, when
+            // a test needs more (e.g. `info,librdkafka=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("ROWSHIFT_TEST_LOG")
+                    .unwrap_or_else(|_| "info,pg_walstream=warn".into()),
+            );
         c
     }
 

@@ -5,13 +5,15 @@
 //! partition per key); across keys the sink needs none.
 
 use super::decode::Layout;
+use super::logs;
 use super::producer::{Passthrough, INCARNATION_HEADER};
 use crate::error::{Error, Result};
 use crate::model::ChangeEvent;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -54,9 +56,24 @@ struct Assignments {
     assigned: Arc<Mutex<Vec<i32>>>,
     /// Partition → the offset to start at (see [`Consumer::set_starts`]).
     starts: Arc<Mutex<HashMap<i32, i64>>>,
+    /// librdkafka's line about the last response it refused as too large.
+    oversized: Arc<Mutex<Option<String>>>,
 }
 
-impl ClientContext for Assignments {}
+impl ClientContext for Assignments {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if message.contains("Invalid response size") {
+            if let Ok(mut o) = self.oversized.lock() {
+                *o = Some(message.to_string());
+            }
+        }
+        logs::forward(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        logs::client_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for Assignments {
     fn rebalance(
@@ -107,10 +124,20 @@ impl ConsumerContext for Assignments {
     }
 }
 
+/// The largest fetch response the consumer accepts, unless the pipeline's
+/// `properties` set `receive.message.max.bytes`. A broker that honours the
+/// fetch's size limits (`fetch.max.bytes`, 50 MB by default) never comes
+/// near it; one that does not (noida-db 0.2.3 answers a fetch with
+/// everything from the offset to the log end) would otherwise leave an
+/// applier that fell more than librdkafka's default of 100 MB behind unable
+/// to read at all. It bounds the memory such a response can take.
+const RECEIVE_MAX_BYTES: &str = "1073741824";
+
 pub struct Consumer {
     inner: StreamConsumer<Assignments>,
     assigned: Arc<Mutex<Vec<i32>>>,
     starts: Arc<Mutex<HashMap<i32, i64>>>,
+    oversized: Arc<Mutex<Option<String>>>,
     topic: String,
     decoder: AvroDecoder<'static>,
 }
@@ -130,12 +157,18 @@ impl Consumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("fetch.wait.max.ms", "20")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            .set("receive.message.max.bytes", RECEIVE_MAX_BYTES)
+            .set_log_level(logs::level());
         for (k, v) in passthrough {
             cfg.set(k, v);
         }
         let ctx = Assignments::default();
-        let (assigned, starts) = (ctx.assigned.clone(), ctx.starts.clone());
+        let (assigned, starts, oversized) = (
+            ctx.assigned.clone(),
+            ctx.starts.clone(),
+            ctx.oversized.clone(),
+        );
         let inner: StreamConsumer<Assignments> =
             cfg.create_with_context(ctx).map_err(|e| Error::Config {
                 reason: format!("kafka consumer: {e}"),
@@ -147,6 +180,7 @@ impl Consumer {
             inner,
             assigned,
             starts,
+            oversized,
             topic: topic.to_string(),
             decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
         })
@@ -167,7 +201,7 @@ impl Consumer {
         while out.items.len() < max {
             let msg = match tokio::time::timeout_at(deadline, self.inner.recv()).await {
                 Err(_) => break,
-                Ok(Err(e)) => return Err(Error::Replication(format!("kafka consume: {e}"))),
+                Ok(Err(e)) => return Err(self.consume_error(e)),
                 Ok(Ok(m)) => m,
             };
             out.next
@@ -205,6 +239,27 @@ impl Consumer {
             out.items.push(item);
         }
         Ok(out)
+    }
+
+    /// A response too large for `receive.message.max.bytes` comes back as
+    /// "bad message" on every fetch; retrying cannot help (the response only
+    /// grows), so it is reported as what it is, with what to change.
+    fn consume_error(&self, e: KafkaError) -> Error {
+        let oversized = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::BadMessage))
+            .then(|| self.oversized.lock().ok().and_then(|o| o.clone()))
+            .flatten();
+        match oversized {
+            Some(line) => Error::Config {
+                reason: format!(
+                    "kafka consume from {}: the broker answered a fetch with more than \
+                     receive.message.max.bytes ({line}); it ignores the fetch size limits. \
+                     Raise transport.kafka.properties.receive.message.max.bytes (at most \
+                     2147483647), or use a broker that honours fetch.max.bytes",
+                    self.topic
+                ),
+            },
+            None => Error::Replication(format!("kafka consume: {e}")),
+        }
     }
 
     /// Where partitions assigned from now on start (the stored positions).

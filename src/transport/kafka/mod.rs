@@ -17,6 +17,8 @@
 //!   back into change events, starts newly assigned partitions at the stored
 //!   positions and commits offsets only when told.
 //!
+//! - [`logs`]: librdkafka's own log lines and errors, forwarded to tracing.
+//!
 //! The pipeline side (producer loop, appliers, marks that give the applied
 //! LSN) lives in `crate::runtime` (`kafka_produce`, `kafka_apply`,
 //! `kafka_chunks`, `kafka_schema`).
@@ -26,5 +28,6 @@ pub mod codec;
 pub mod consumer;
 pub mod decode;
 pub mod envelope;
+pub mod logs;
 pub mod producer;
 pub mod snapshot;

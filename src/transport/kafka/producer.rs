@@ -7,9 +7,9 @@
 //! tools agree on which partition a key lives in, and one key's changes stay
 //! in one partition, in order.
 
+use super::logs::Logs;
 use crate::error::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -24,12 +24,13 @@ pub type Passthrough = Vec<(String, String)>;
 pub const INCARNATION_HEADER: &str = "rowshift.incarnation";
 
 pub struct Producer {
-    inner: FutureProducer,
+    inner: FutureProducer<Logs>,
 }
 
 fn config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers);
+    cfg.set("bootstrap.servers", brokers)
+        .set_log_level(super::logs::level());
     for (k, v) in passthrough {
         cfg.set(k, v);
     }
@@ -62,7 +63,7 @@ impl Producer {
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
             .set("message.timeout.ms", "0");
-        let inner = cfg.create().map_err(|e| Error::Config {
+        let inner = cfg.create_with_context(Logs).map_err(|e| Error::Config {
             reason: format!("kafka producer: {e}"),
         })?;
         Ok(Producer { inner })
@@ -188,9 +189,9 @@ pub async fn delete_topic(brokers: &str, passthrough: &Passthrough, topic: &str)
     Ok(())
 }
 
-fn admin(brokers: &str, passthrough: &Passthrough) -> Result<AdminClient<DefaultClientContext>> {
+fn admin(brokers: &str, passthrough: &Passthrough) -> Result<AdminClient<Logs>> {
     config(brokers, passthrough)
-        .create()
+        .create_with_context(Logs)
         .map_err(|e| Error::Config {
             reason: format!("kafka admin client: {e}"),
         })
