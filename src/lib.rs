@@ -2,11 +2,12 @@
 //! capture.
 //!
 //! Layers, lowest first (a module only uses the ones above it in this list):
-//! `spec`, `model`, `error` → `transform` → `source`, `sink`, `transport`,
+//! `spec`, `model`, `error`, `blocking` → `transform` → `source`, `sink`, `transport`,
 //! `state` → `backfill`, `preflight` → `verify` → `runtime`, `cutover`, `plan`. Sources,
 //! transports and sinks never import the runtime.
 
 pub mod backfill;
+pub mod blocking;
 pub mod cutover;
 pub mod error;
 pub mod failpoint;

@@ -213,17 +213,58 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if let Err(e) = dispatch(cli.command).await {
+    let runtime = match runtime(&cli.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(dispatch(cli.command)) {
         match e.downcast_ref::<Error>() {
             Some(err) => eprintln!("error: {err}\nhint: {}", err.hint()),
             None => eprintln!("error: {e:#}"),
         }
         std::process::exit(1);
     }
+}
+
+/// One worker thread (`TOKIO_WORKER_THREADS` overrides it), plus tokio's
+/// blocking threads, except for the kafka transport (below). rowshift mostly waits on PostgreSQL and the broker; its
+/// own CPU work (decoding pgoutput, building a batch's arrays) fits in one
+/// core, and on one thread the replication reader hands each message to the
+/// applier without waking a parked thread. With two workers those wake-ups
+/// dominated rowshift's profile on a 2-core machine: a backlog of 200k
+/// single-row transactions applied at 30k tx/s, against 40k (one apply
+/// connection) and 51k (two) on one worker (docs/benchmarks.md). Blocking
+/// calls (libpq's connect in the replication reader, a consumer's seek) go
+/// through `rowshift::blocking`. The kafka transport's producer and appliers
+/// encode and decode Avro, CPU work of their own: on one thread an applier
+/// fell from 32k to 25k tx/s, so they keep a worker per core.
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let kafka = match command {
+        Command::Apply { .. } => true,
+        Command::Run { file, .. } => spec::load(file).is_ok_and(|p| p.transport.kafka.is_some()),
+        _ => false,
+    };
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    match (workers, kafka) {
+        (Some(n), _) => {
+            builder.worker_threads(n);
+        }
+        (None, false) => {
+            builder.worker_threads(1);
+        }
+        (None, true) => {}
+    }
+    builder.enable_all().build()
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {

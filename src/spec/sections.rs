@@ -141,15 +141,18 @@ pub(super) fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
     let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
     let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
-    // Default: half the cores (1 to 4), leaving CPU for the walsender and the
-    // database, which on one small machine compete with the appliers.
+    // Default: half the cores, 2 to 4. A connection costs rowshift little
+    // (its work runs on one thread); the database and the walsender, which
+    // share the machine, are what the other cores are for. On 2 cores two
+    // connections applied 200k single-row transactions at 51k tx/s, one at
+    // 40k (docs/benchmarks.md).
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
     let apply_workers = t
         .integer("apply_workers", 1, 16, p)
         .map(|n| n as usize)
-        .unwrap_or((cores / 2).clamp(1, 4));
+        .unwrap_or((cores / 2).clamp(2, 4));
     let kafka = match kind.as_str() {
         "direct" => {
             if t.get("kafka").is_some() {

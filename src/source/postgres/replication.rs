@@ -73,16 +73,22 @@ pub async fn start(
             .with_messages(true)
             .with_feedback_interval(Duration::from_millis(200))
             .with_connection_timeout(Duration::from_secs(15));
-    let mut stream =
-        LogicalReplicationStream::new(&super::replication_dsn(&config.dsn), stream_config)
+    // libpq connects and starts replication with blocking calls: keep them
+    // off the runtime's worker (the process runs one, see main.rs).
+    let dsn = super::replication_dsn(&config.dsn);
+    let stream = crate::blocking::run(async {
+        let mut stream = LogicalReplicationStream::new(&dsn, stream_config)
             .await
             .map_err(|e| Error::Replication(format!("connect: {e}")))?;
-    stream
-        .start(config.start_lsn.map(|l| l.0))
-        .await
-        .map_err(|e| {
-            Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
-        })?;
+        stream
+            .start(config.start_lsn.map(|l| l.0))
+            .await
+            .map_err(|e| {
+                Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
+            })?;
+        Ok::<_, Error>(stream)
+    })
+    .await?;
     let feedback: Arc<SharedLsnFeedback> = stream.shared_lsn_feedback.clone();
     let ack: AckFn = Arc::new(move |lsn: Lsn| feedback.update_applied_lsn(lsn.0));
     let (tx, rx) = mpsc::channel(capacity);

@@ -280,14 +280,16 @@ impl Consumer {
 
     /// Reads `partition` from `offset` on.
     pub fn seek(&self, partition: i32, offset: i64) -> Result<()> {
-        self.inner
-            .seek(
+        // librdkafka waits for the fetcher to take the seek: a blocking call.
+        crate::blocking::call(|| {
+            self.inner.seek(
                 &self.topic,
                 partition,
                 Offset::Offset(offset),
                 Duration::from_secs(10),
             )
-            .map_err(|e| Error::Replication(format!("seek {}/{partition}: {e}", self.topic)))
+        })
+        .map_err(|e| Error::Replication(format!("seek {}/{partition}: {e}", self.topic)))
     }
 
     /// Commits the offsets of a poll whose events are applied (`wait`: until
