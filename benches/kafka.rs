@@ -257,6 +257,11 @@ async fn run(
         ),
     );
 
+    // BENCH_ONLY=e2e: stop after the end-to-end figure.
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "e2e") {
+        return Ok(());
+    }
+
     // 2. The producer alone, one 200k-row transaction, next to decoding it
     //    (timed by the broker's log end offsets, which tansu misreports).
     if kind == "tansu" {
