@@ -236,6 +236,34 @@ async fn run(
         &work.join("applier.log"),
     )?;
     tokio::time::sleep(Duration::from_secs(10)).await;
+    // BENCH_TRACE=1: where the time goes: when the broker had the whole
+    // backlog (the producer's side), next to when the target had it
+    // (noida-db only: tansu misreports log ends). Polling the log ends
+    // costs the run some speed, so it is off by default.
+    let trace = std::env::var("BENCH_TRACE").is_ok() && kind != "tansu";
+    let produced = trace.then(|| {
+        let addr = broker.addr.clone();
+        std::thread::spawn(move || -> Result<f64> {
+            let ends = LogEnds::new(&addr, "rowshift.bench_kafka")?;
+            let before = ends.total()?;
+            let start = Instant::now();
+            let mut first = None;
+            loop {
+                let now = ends.total()?;
+                if now > before && first.is_none() {
+                    first = Some(Instant::now());
+                }
+                if now >= before + BACKLOG {
+                    let first = first.unwrap_or(start);
+                    return Ok(first.elapsed().as_secs_f64());
+                }
+                if start.elapsed() > Duration::from_secs(600) {
+                    bail!("the backlog never reached the broker");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    });
     let kafka = apply_time(
         &dsn,
         &files.produce_only,
@@ -246,6 +274,13 @@ async fn run(
     )
     .await?;
     drop(applier);
+    if let Some(Ok(Ok(secs))) = produced.map(|h| h.join()) {
+        println!(
+            "the broker had the whole backlog {secs:.2} s after its first record ({:.0} records/s); \
+             the target had it {kafka:.2} s after the start marker",
+            BACKLOG as f64 / secs
+        );
+    }
     results.add(
         &format!("end to end, 200k single-row transactions, through {kind}"),
         "≥ 0.8× direct",
