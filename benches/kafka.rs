@@ -246,22 +246,13 @@ async fn run(
         std::thread::spawn(move || -> Result<f64> {
             let ends = LogEnds::new(&addr, "rowshift.bench_kafka")?;
             let before = ends.total()?;
-            let start = Instant::now();
-            let mut first = None;
-            loop {
-                let now = ends.total()?;
-                if now > before && first.is_none() {
-                    first = Some(Instant::now());
-                }
-                if now >= before + BACKLOG {
-                    let first = first.unwrap_or(start);
-                    return Ok(first.elapsed().as_secs_f64());
-                }
-                if start.elapsed() > Duration::from_secs(600) {
-                    bail!("the backlog never reached the broker");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let (first, all) = ends.wait_for(
+                before,
+                BACKLOG,
+                Duration::from_secs(600),
+                Duration::from_millis(100),
+            )?;
+            Ok((all - first).as_secs_f64())
         })
     });
     let kafka = apply_time(
@@ -371,9 +362,12 @@ async fn producer_alone(
         &["run", &files.produce_only],
         &work.join("produce.log"),
     )?;
-    let (t0, t1) = ends
-        .wait_for(before, BACKLOG, Duration::from_secs(300))
-        .await?;
+    let (t0, t1) = ends.wait_for(
+        before,
+        BACKLOG,
+        Duration::from_secs(300),
+        Duration::from_millis(5),
+    )?;
     drop(child);
     wait_slot_inactive(src, "rowshift_bench_kafka").await?;
     let produced = (BACKLOG - 1) as f64 / (t1 - t0).as_secs_f64();
@@ -493,8 +487,15 @@ impl LogEnds {
         Ok(sum)
     }
 
-    /// When the first record past `before` appeared, and when `n` had.
-    async fn wait_for(&self, before: i64, n: i64, limit: Duration) -> Result<(Instant, Instant)> {
+    /// When the first record past `before` appeared, and when `n` had,
+    /// polling every `every` (blocking the calling thread).
+    fn wait_for(
+        &self,
+        before: i64,
+        n: i64,
+        limit: Duration,
+        every: Duration,
+    ) -> Result<(Instant, Instant)> {
         let start = Instant::now();
         let mut first = None;
         loop {
@@ -508,7 +509,7 @@ impl LogEnds {
             if start.elapsed() > limit {
                 bail!("only {} of {n} records reached the broker", now - before);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            std::thread::sleep(every);
         }
     }
 }

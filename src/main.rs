@@ -216,14 +216,21 @@ fn init_logging(format: LogFormat) {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match runtime(&cli.command) {
+    // `run FILE` is read once, here: its transport picks the worker count.
+    let run_file = match &cli.command {
+        Command::Run { file, .. } => Some(spec::load(file)),
+        _ => None,
+    };
+    let kafka = matches!(cli.command, Command::Apply { .. })
+        || matches!(&run_file, Some(Ok(p)) if p.transport.kafka.is_some());
+    let runtime = match runtime(kafka) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(dispatch(cli.command)) {
+    if let Err(e) = runtime.block_on(dispatch(cli.command, run_file)) {
         match e.downcast_ref::<Error>() {
             Some(err) => eprintln!("error: {err}\nhint: {}", err.hint()),
             None => eprintln!("error: {e:#}"),
@@ -244,12 +251,7 @@ fn main() {
 /// through `rowshift::blocking`. The kafka transport's producer and appliers
 /// encode and decode Avro, CPU work of their own: on one thread an applier
 /// fell from 32k to 25k tx/s, so they keep a worker per core.
-fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let kafka = match command {
-        Command::Apply { .. } => true,
-        Command::Run { file, .. } => spec::load(file).is_ok_and(|p| p.transport.kafka.is_some()),
-        _ => false,
-    };
+fn runtime(kafka: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -267,7 +269,11 @@ fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+/// `run_file`: the pipeline file of `run`, already read by `main`.
+async fn dispatch(
+    command: Command,
+    run_file: Option<Result<spec::Pipeline, spec::SpecError>>,
+) -> anyhow::Result<()> {
     match command {
         Command::Plan { file } => {
             let p = spec::load(&file).map_err(Error::from)?;
@@ -277,7 +283,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             file,
             exit_when_caught_up,
         } => {
-            let p = spec::load(&file).map_err(Error::from)?;
+            let p = run_file
+                .unwrap_or_else(|| spec::load(&file))
+                .map_err(Error::from)?;
             run(&p, exit_when_caught_up).await?;
         }
         Command::Status { name, output, dsn } => {

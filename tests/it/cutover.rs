@@ -232,6 +232,35 @@ pub(crate) async fn corrupt_target(c: &Client) {
 
 /// `rowshift cutover` while `load` writes; then the load stops (it must
 /// have run `min` statements) and the new table carries the name.
+/// A fresh database with the `orders` table, a pipeline `<prefix>_<tag>`
+/// (with `extra` YAML added) run by `rowshift run` (log tag `run`), caught
+/// up. Returns the database, a client, the pipeline's name and the runner.
+pub(crate) async fn caught_up_orders(prefix: &str, extra: &str) -> (TestDb, Client, String, Proc) {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_orders(&c, &format!("reader_{}", db.tag)).await;
+    let name = format!("{prefix}_{}", db.tag);
+    let file = db.pipeline("orders.yaml", &orders_pipeline(&name, extra));
+    let run = db.spawn_run(&file, "run");
+    wait_phase(&c, &name, &["caught_up"]).await;
+    (db, c, name, run)
+}
+
+/// Starts a write load, repairs the three rows [`corrupt_target`] broke
+/// (`verify --repair`), and verifies again under the load: zero
+/// mismatches. Returns the load, still running.
+pub(crate) async fn repair_under_load(db: &TestDb, name: &str) -> Load {
+    let load = start_load(db, 2).await;
+    let fixed = ok(
+        &db.rowshift(&["verify", name, "--repair"]),
+        "verify --repair",
+    );
+    assert!(fixed.contains("3 repaired"), "{fixed}");
+    let again = ok(&db.rowshift(&["verify", name]), "verify under load");
+    assert!(again.contains("0 mismatched"), "{again}");
+    load
+}
+
 pub(crate) async fn cut_over_under(db: &TestDb, c: &Client, name: &str, load: Load, min: u64) {
     let out = ok(&db.rowshift(&["cutover", name]), "cutover");
     assert!(out.contains("write pause"), "{out}");
@@ -455,13 +484,7 @@ async fn cutover_rollback_and_contract_under_load() {
 /// `--repair` re-copies them through the running pipeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_and_repairs_corruption() {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_orders(&c, &format!("reader_{}", db.tag)).await;
-    let name = format!("vr_{}", db.tag);
-    let file = db.pipeline("orders.yaml", &orders_pipeline(&name, ""));
-    let _run = db.spawn_run(&file, "run");
-    wait_phase(&c, &name, &["caught_up"]).await;
+    let (db, c, name, _run) = caught_up_orders("vr", "").await;
     corrupt_target(&c).await;
     let bad = db.rowshift(&["verify", &name, "--output", "json"]);
     assert!(
@@ -477,15 +500,7 @@ async fn verify_finds_and_repairs_corruption() {
     let status = ok(&db.rowshift(&["status", &name]), "status");
     assert!(status.contains("3 mismatched"), "{status}");
 
-    let load = start_load(&db, 2).await;
-    let fixed = ok(
-        &db.rowshift(&["verify", &name, "--repair"]),
-        "verify --repair",
-    );
-    assert!(fixed.contains("3 repaired"), "{fixed}");
-    // A correct target under load: zero mismatches.
-    let again = ok(&db.rowshift(&["verify", &name]), "verify again");
-    assert!(again.contains("0 mismatched"), "{again}");
+    let load = repair_under_load(&db, &name).await;
     load.stop().await;
     wait_applied(&c, &name).await;
     let old = "SELECT id, customer_id, round(amount * 100)::bigint, status, note FROM orders";
@@ -505,19 +520,11 @@ async fn verify_finds_and_repairs_corruption() {
 /// gives up naming the blocker, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_contention_gives_up_cleanly() {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_orders(&c, &format!("reader_{}", db.tag)).await;
-    let name = format!("lk_{}", db.tag);
-    let file = db.pipeline(
-        "orders.yaml",
-        &orders_pipeline(
-            &name,
-            "cutover: { lock_timeout_ms: 100, lock_attempts: 3, backoff_max_ms: 200 }",
-        ),
-    );
-    let _run = db.spawn_run(&file, "run");
-    wait_phase(&c, &name, &["caught_up"]).await;
+    let (db, c, name, _run) = caught_up_orders(
+        "lk",
+        "cutover: { lock_timeout_ms: 100, lock_attempts: 3, backoff_max_ms: 200 }",
+    )
+    .await;
     ok(&db.rowshift(&["verify", &name]), "verify");
     let blocker = connect(&format!("{} application_name=long_report", db.dsn)).await;
     blocker

@@ -11,13 +11,7 @@ use std::time::Duration;
 /// the name, with all the data, and a new cut-over (or rollback) works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_at_each_cutover_step() {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_orders(&c, &format!("reader_{}", db.tag)).await;
-    let name = format!("cc_{}", db.tag);
-    let file = db.pipeline("orders.yaml", &orders_pipeline(&name, ""));
-    let _run = db.spawn_run(&file, "run");
-    wait_phase(&c, &name, &["caught_up"]).await;
+    let (db, c, name, _run) = caught_up_orders("cc", "").await;
     ok(&db.rowshift(&["verify", &name]), "verify");
     let written = Arc::new(AtomicU64::new(0));
     for step in [
@@ -122,13 +116,7 @@ async fn crash_at_each_cutover_step() {
 /// carries every write made on the new table, before and after the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_killed_during_the_reverse_stream_resumes_it() {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_orders(&c, &format!("reader_{}", db.tag)).await;
-    let name = format!("rk_{}", db.tag);
-    let file = db.pipeline("orders.yaml", &orders_pipeline(&name, ""));
-    let mut run = db.spawn_run(&file, "1");
-    wait_phase(&c, &name, &["caught_up"]).await;
+    let (db, c, name, mut run) = caught_up_orders("rk", "").await;
     ok(&db.rowshift(&["verify", &name]), "verify");
     ok(&db.rowshift(&["cutover", &name]), "cutover");
     c.batch_execute("UPDATE orders SET note = 'before kill' WHERE id % 5 = 0")
@@ -142,7 +130,7 @@ async fn runner_killed_during_the_reverse_stream_resumes_it() {
     )
     .await
     .expect("writes while the runner is down");
-    let _run = db.spawn_run(&file, "2");
+    let _run = db.spawn_run(&db.dir.join("orders.yaml"), "2");
     wait_applied(&c, &name).await;
     let new_live = "SELECT id, customer_id, amount_cents, state, note FROM orders";
     let old_shadow =

@@ -13,29 +13,16 @@ use std::time::Duration;
 async fn cutover_repair_and_rollback_through_kafka() {
     let registry = Registry::start();
     let brokers = std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU");
-    let db = TestDb::new("ROWSHIFT_TEST_PG_PORT").await;
-    let c = db.client().await;
-    create_orders(&c, &format!("reader_{}", db.tag)).await;
-    let name = format!("kco_{}", db.tag);
     let transport = format!(
         "cutover: {{ lock_timeout_ms: 1000 }}\ntransport:\n  kind: kafka\n  kafka:\n    \
          brokers: \"{brokers}\"\n    registry_url: \"{}\"\n    partitions: 3\n",
         registry.url
     );
-    let file = db.pipeline("orders.yaml", &orders_pipeline(&name, &transport));
-    let _run = db.spawn_run(&file, "run");
-    wait_phase(&c, &name, &["caught_up"]).await;
+    let (db, c, name, _run) = caught_up_orders("kco", &transport).await;
 
     // A changed, a deleted and an extra target row, repaired through the topic.
     corrupt_target(&c).await;
-    let load = start_load(&db, 2).await;
-    let fixed = ok(
-        &db.rowshift(&["verify", &name, "--repair"]),
-        "verify --repair",
-    );
-    assert!(fixed.contains("3 repaired"), "{fixed}");
-    let verified = ok(&db.rowshift(&["verify", &name]), "verify under load");
-    assert!(verified.contains("0 mismatched"), "{verified}");
+    let load = repair_under_load(&db, &name).await;
 
     // Cut over under the load: every committed write is in the live table.
     cut_over_under(&db, &c, &name, load, 100).await;
