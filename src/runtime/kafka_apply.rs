@@ -98,7 +98,11 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             }
         }
-        // A partition assigned during the poll starts at its stored position.
+        // A partition assigned during the poll starts at its stored position,
+        // and records below it come back undecoded. `behind` below screens
+        // the poll against these same positions before `apply` reloads
+        // them, so a rewind that lowers one makes the partition be read
+        // again (its undecoded records dropped), never applied as empty.
         consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
         let mut polled = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),

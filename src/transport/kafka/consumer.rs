@@ -188,7 +188,10 @@ impl Consumer {
 
     /// Waits for at least one record (or `wait`), then takes what else is
     /// ready, up to `max` records. With `incarnation`, records whose header
-    /// names another incarnation are returned without their event.
+    /// names another incarnation are returned without their event, and so
+    /// are records below their partition's start (see [`Self::set_starts`]):
+    /// the caller skips those as applied, so they are not decoded (after a
+    /// reset to the log's beginning that is most of what is read).
     pub async fn poll(
         &self,
         layout: &Layout<'_>,
@@ -197,6 +200,7 @@ impl Consumer {
         incarnation: Option<&str>,
     ) -> Result<Polled> {
         let mut out = Polled::default();
+        let starts: HashMap<i32, i64> = self.starts.lock().map(|s| s.clone()).unwrap_or_default();
         let mut deadline = tokio::time::Instant::now() + wait;
         while out.items.len() < max {
             let msg = match tokio::time::timeout_at(deadline, self.inner.recv()).await {
@@ -222,7 +226,10 @@ impl Consumer {
                         .any(|h| h.key == INCARNATION_HEADER && h.value == Some(want.as_bytes()))
                 }),
             };
-            if let (true, Some(payload)) = (ours, msg.payload()) {
+            let applied = starts
+                .get(&msg.partition())
+                .is_some_and(|&at| msg.offset() < at);
+            if let (true, false, Some(payload)) = (ours, applied, msg.payload()) {
                 let decoded = self
                     .decoder
                     .decode(Some(payload))
@@ -262,7 +269,8 @@ impl Consumer {
         }
     }
 
-    /// Where partitions assigned from now on start (the stored positions).
+    /// Where partitions assigned from now on start (the stored positions);
+    /// records below them are not decoded by [`Self::poll`].
     pub fn set_starts(&self, starts: impl Iterator<Item = (i32, i64)>) {
         if let Ok(mut s) = self.starts.lock() {
             s.clear();
