@@ -89,10 +89,15 @@ fn pipeline(name: &str, table: &str, transport: &str) -> String {
     .replace("public.orders_v2", &format!("public.{table}"))
 }
 
+/// `BENCH_IDLE_PAUSE=N` sets the appliers' `idle_fetch_pause_ms` (default 0).
 fn kafka_transport(broker: &str, registry: &str, apply_in_run: bool) -> String {
+    let pause: u64 = std::env::var("BENCH_IDLE_PAUSE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     format!(
         "{{ kind: kafka, batch_events: 10000, kafka: {{ brokers: \"{broker}\", registry_url: \"{registry}\", \
-         partitions: {PARTITIONS}, apply_in_run: {apply_in_run} }} }}"
+         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}, idle_fetch_pause_ms: {pause} }} }}"
     )
 }
 
@@ -208,30 +213,55 @@ async fn run(
     .await?;
 
     // 1. End to end: the same backlog of single-row transactions, direct then kafka.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only != "lag" {
+        end_to_end(source, broker, kind, &dsn, &files, work, &src, results).await?;
+    }
+    // BENCH_ONLY=e2e: stop after the end-to-end figure.
+    if only == "e2e" {
+        return Ok(());
+    }
+    if only != "lag" {
+        producer_alone_or_not(&dsn, &files, broker, kind, work, &src, results).await?;
+    }
+    lag(source, kind, &dsn, &files, work, &src, results).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn end_to_end(
+    source: &Cluster,
+    broker: &Broker,
+    kind: &str,
+    dsn: &str,
+    files: &Files,
+    work: &Path,
+    src: &Client,
+    results: &mut Results,
+) -> Result<()> {
     settle(
-        &dsn,
+        dsn,
         &[
             (&files.direct, "rowshift_bench_direct"),
             (&files.kafka, "rowshift_bench_kafka"),
         ],
         work,
-        &src,
+        src,
     )
     .await?;
-    single_row_backlog(&src, source.port, ROWS, BACKLOG, ("start-e2e", "end-e2e")).await?;
+    single_row_backlog(src, source.port, ROWS, BACKLOG, ("start-e2e", "end-e2e")).await?;
     let direct = apply_time(
-        &dsn,
+        dsn,
         &files.direct,
         "orders_direct",
         "bench_direct",
         work,
-        &src,
+        src,
     )
     .await?;
     // The applier joins the consumer group first (a join takes seconds, and
     // would otherwise let the backlog pile up in the topic, untimed).
     let applier = rowshift(
-        &dsn,
+        dsn,
         &["apply", &files.produce_only],
         &work.join("applier.log"),
     )?;
@@ -256,16 +286,20 @@ async fn run(
         })
     });
     let kafka = apply_time(
-        &dsn,
+        dsn,
         &files.produce_only,
         "orders_kafka",
         "bench_kafka",
         work,
-        &src,
+        src,
     )
     .await?;
     drop(applier);
-    if let Some(Ok(Ok(secs))) = produced.map(|h| h.join()) {
+    let produced = produced.map(|h| h.join());
+    if let Some(Ok(Err(e))) = &produced {
+        println!("BENCH_TRACE: {e:#}");
+    }
+    if let Some(Ok(Ok(secs))) = produced {
         println!(
             "the broker had the whole backlog {secs:.2} s after its first record ({:.0} records/s); \
              the target had it {kafka:.2} s after the start marker",
@@ -282,12 +316,18 @@ async fn run(
             direct / kafka
         ),
     );
+    Ok(())
+}
 
-    // BENCH_ONLY=e2e: stop after the end-to-end figure.
-    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "e2e") {
-        return Ok(());
-    }
-
+async fn producer_alone_or_not(
+    dsn: &str,
+    files: &Files,
+    broker: &Broker,
+    kind: &str,
+    work: &Path,
+    src: &Client,
+    results: &mut Results,
+) -> Result<()> {
     // 2. The producer alone, one 200k-row transaction, next to decoding it
     //    (timed by the broker's log end offsets, which tansu misreports).
     if kind == "tansu" {
@@ -298,29 +338,40 @@ async fn run(
             "not measured on tansu (its log end offsets are wrong)".into(),
         );
     } else {
-        producer_alone(&dsn, &files, broker, kind, work, &src, results).await?;
+        producer_alone(dsn, files, broker, kind, work, src, results).await?;
     }
+    Ok(())
+}
 
+async fn lag(
+    source: &Cluster,
+    kind: &str,
+    dsn: &str,
+    files: &Files,
+    work: &Path,
+    src: &Client,
+    results: &mut Results,
+) -> Result<()> {
     // 3. Lag under 2,000 writes/s, through kafka and (reference) direct.
     let (p50, p99, max, n) = measure_lag(
-        &dsn,
+        dsn,
         &files.kafka,
         "orders_kafka",
         ROWS,
         work,
         source.port,
-        &src,
+        src,
     )
     .await?;
-    wait_slot_inactive(&src, "rowshift_bench_kafka").await?;
+    wait_slot_inactive(src, "rowshift_bench_kafka").await?;
     let (d50, d99, _, _) = measure_lag(
-        &dsn,
+        dsn,
         &files.direct,
         "orders_direct",
         ROWS,
         work,
         source.port,
-        &src,
+        src,
     )
     .await?;
     results.add(
@@ -454,6 +505,12 @@ async fn apply_time(
     let t0 = wait_note(&target, table, 2, "start-e2e", Duration::from_secs(300)).await?;
     let t1 = wait_note(&target, table, 1, "end-e2e", Duration::from_secs(900)).await?;
     drop(child);
+    // The window in wall-clock seconds, to match with a CPU sampler's.
+    let unix = |t: Instant| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(0.0, |n| n.as_secs_f64() - t.elapsed().as_secs_f64())
+    };
+    println!("window {name}: unix {:.3} .. {:.3}", unix(t0), unix(t1));
     wait_slot_inactive(src, &format!("rowshift_{name}")).await?;
     Ok((t1 - t0).as_secs_f64())
 }

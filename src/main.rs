@@ -239,33 +239,45 @@ fn main() {
     }
 }
 
-/// One worker thread (`TOKIO_WORKER_THREADS` overrides it), plus tokio's
-/// blocking threads, except for the kafka transport (below). rowshift mostly waits on PostgreSQL and the broker; its
-/// own CPU work (decoding pgoutput, building a batch's arrays) fits in one
-/// core, and on one thread the replication reader hands each message to the
-/// applier without waking a parked thread. With two workers those wake-ups
-/// dominated rowshift's profile on a 2-core machine: a backlog of 200k
-/// single-row transactions applied at 30k tx/s, against 40k (one apply
-/// connection) and 51k (two) on one worker (docs/benchmarks.md). Blocking
-/// calls (libpq's connect in the replication reader, a consumer's seek) go
-/// through `rowshift::blocking`. The kafka transport's producer and appliers
-/// encode and decode Avro, CPU work of their own: on one thread an applier
-/// fell from 32k to 25k tx/s, so they keep a worker per core.
+/// The async runtime. `TOKIO_WORKER_THREADS=N` asks for a multi-thread
+/// runtime of N workers; otherwise:
+///
+/// - One worker thread (plus tokio's blocking threads). rowshift mostly
+///   waits on PostgreSQL; its own CPU work (decoding pgoutput, building a
+///   batch's arrays) fits in one core, and on one thread the replication
+///   reader hands each message to the applier without waking a parked
+///   thread. With two workers those wake-ups dominated rowshift's profile on
+///   a 2-core machine: a backlog of 200k single-row transactions applied at
+///   30k tx/s, against 40k (one apply connection) and 51k (two) on one
+///   worker (docs/benchmarks.md).
+/// - The kafka transport's `run` and `apply`: a current-thread runtime, the
+///   main thread alone. There librdkafka's own threads (the producer's
+///   delivery reports, the consumer's fetches) wake the runtime for every
+///   batch; with a worker pool each wake-up moved tasks between threads.
+///   End to end through noida-db it measured 35–50k tx/s, against 26–29k
+///   with one worker per core and 26–33k with one worker (docs/benchmarks.md).
+///
+/// Blocking calls (libpq's connect in the replication reader, a consumer's
+/// seek) go through `rowshift::blocking`; on the current-thread runtime they
+/// hold up the other tasks for as long as they take.
 fn runtime(kafka: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    match (workers, kafka) {
+    let mut builder = match (workers, kafka) {
         (Some(n), _) => {
-            builder.worker_threads(n);
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
         (None, false) => {
-            builder.worker_threads(1);
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
         }
-        (None, true) => {}
-    }
+        (None, true) => tokio::runtime::Builder::new_current_thread(),
+    };
     builder.enable_all().build()
 }
 

@@ -152,6 +152,9 @@ pub struct Kafka {
     pub secret_properties: Vec<(String, String)>,
     /// `rowshift run` applies too (false: only `rowshift apply` processes do).
     pub apply_in_run: bool,
+    /// How long an applier stops fetching a partition read to its end
+    /// (see `Consumer::idle_pause`); 0 (default): it does not.
+    pub idle_fetch_pause_ms: u64,
 }
 
 /// A setting given in the file or read from an environment variable.

@@ -250,6 +250,7 @@ fn kafka_field(t: &mut Fields, p: &mut Problems) -> Kafka {
         }
     }
     let apply_in_run = k.boolean("apply_in_run", p).unwrap_or(true);
+    let idle_fetch_pause_ms = k.integer("idle_fetch_pause_ms", 0, 1_000, p).unwrap_or(0);
     k.finish(p);
     Kafka {
         brokers,
@@ -261,5 +262,6 @@ fn kafka_field(t: &mut Fields, p: &mut Problems) -> Kafka {
         properties,
         secret_properties,
         apply_in_run,
+        idle_fetch_pause_ms,
     }
 }

@@ -162,3 +162,45 @@ fn cutover_and_verify_sections_have_defaults_and_checks() {
         );
     }
 }
+
+#[test]
+fn the_kafka_section_has_defaults_and_checks() {
+    let good = format!(
+        "{GOOD}transport: {{ kind: kafka, kafka: {{ brokers_env: KAFKA, registry_url: \"http://r:8081\" }} }}\n"
+    );
+    let p = parse(Path::new("p.yaml"), &good).unwrap();
+    let k = p.transport.kafka.clone().expect("a kafka section");
+    assert_eq!(k.brokers, Setting::Env("KAFKA".into()));
+    assert_eq!(k.registry_url, Setting::Value("http://r:8081".into()));
+    assert_eq!((k.partitions, k.replication_factor), (6, 1));
+    assert!(k.apply_in_run);
+    assert_eq!(k.idle_fetch_pause_ms, 0);
+    assert_eq!(p.kafka_topic(), "rowshift.orders_v2");
+
+    let bad = format!(
+        "{GOOD}transport:\n  kind: kafka\n  kafka:\n    brokers: b:9092\n    brokers_env: B\n    \
+         topic: \"no spaces\"\n    partitions: 0\n    idle_fetch_pause_ms: 5000\n    \
+         properties: {{ sasl.password: x, acks: \"1\" }}\n"
+    );
+    let got = problems(&bad);
+    let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+    for want in [
+        "transport.kafka.brokers",
+        "transport.kafka.registry_url",
+        "transport.kafka.topic",
+        "transport.kafka.partitions",
+        "transport.kafka.idle_fetch_pause_ms",
+        "transport.kafka.properties.sasl.password",
+        "transport.kafka.properties.acks",
+    ] {
+        assert!(fields.contains(&want), "{want} missing from {got:?}");
+    }
+    let direct = format!("{GOOD}transport: {{ kind: direct, kafka: {{ brokers: b }} }}\n");
+    assert_eq!(
+        problems(&direct),
+        vec![(
+            "transport.kafka".to_string(),
+            "is only read with kind: kafka".to_string()
+        )]
+    );
+}

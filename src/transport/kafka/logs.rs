@@ -7,7 +7,7 @@
 //! and no debug context it has prints record payloads.
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
 
 /// The client context of rowshift's producers and admin clients.
@@ -47,9 +47,15 @@ pub fn forward(level: RDKafkaLogLevel, fac: &str, message: &str) {
 
 /// A client-wide error (a broker down, all brokers down, ...). The client
 /// retries these itself; what rowshift must act on reaches it through the
-/// call that failed, so these are warnings.
+/// call that failed, so these are warnings. A partition read to its end
+/// (`enable.partition.eof`, which the appliers' idle pause relies on) is
+/// reported here too; it is no trouble, so it is a debug line.
 pub fn client_error(error: &KafkaError, reason: &str) {
-    tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+        tracing::debug!(target: "librdkafka", error = %error, "{reason}");
+    } else {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
 }
 
 /// The most detailed librdkafka level the log filter lets through (the

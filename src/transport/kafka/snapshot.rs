@@ -18,7 +18,8 @@
 //! 2. It writes a high watermark H: a transactional logical message, which
 //!    commits after S was taken.
 //! 3. While it processes the stream from P to H, every key changed there is
-//!    dropped from the chunk ([`Chunk::observe`]); a TRUNCATE drops all.
+//!    dropped from the chunk ([`Chunk::observe`]), except by a partial
+//!    update (below); a TRUNCATE drops all.
 //! 4. At H it produces the remaining rows as `op: r` records, right after
 //!    the events before H and before any event after H.
 //!
@@ -45,6 +46,22 @@
 //! resurrected: a row deleted before H is either not in S (gone) or deleted
 //! between P and H (dropped).
 //!
+//! # Partial updates
+//! Dropping K for a partial update (same key, a TOASTed column left out
+//! because it did not change) would leave the column's value to the target
+//! row the update is applied over. That is right when the target lacks the
+//! row (it is re-read, above) or holds a row that converges, but a repair
+//! chunk exists because target rows may be wrong: after a broker lost
+//! records, a row whose TOASTed column was set by a lost record and later
+//! touched only by partial updates stayed wrong (the broker-outage test
+//! caught it). So a partial update of a kept row patches it: the cells it
+//! carries replace the row's. The patched row is still K's state at H: take
+//! K's events e1..en between P and H, all partial updates (anything else
+//! drops K), and ej the last one S saw. For each column, the last event
+//! carrying it wins, which is its value at H whether it came before S (R
+//! holds the same value) or after; a column no event carries did not change
+//! from S to H, so R's value is right.
+//!
 //! # Crashes
 //! The chunk's cursor is stored only after Kafka acknowledged every record
 //! up to and including its `r` records, together with the slot position of
@@ -52,7 +69,7 @@
 //! is read again; the records produced twice are the same states in the
 //! same per-key order, which the appliers apply idempotently.
 
-use crate::model::{Change, ChangeEvent, Key, Row};
+use crate::model::{Cell, Change, ChangeEvent, Key, Row};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -172,8 +189,19 @@ impl Chunk {
         self.deletes.remove(k);
     }
 
-    /// Drops the rows (and deletes) whose key this event changes.
+    /// Drops the rows (and deletes) whose key this event changes; a partial
+    /// update (a TOASTed column left out, unchanged) patches the row instead
+    /// (see the module docs).
     pub fn observe(&mut self, e: &ChangeEvent, key: &[usize]) {
+        if let Change::Update { old_key, new } = &e.change {
+            if let Some(k) = new.key(key) {
+                let same_key = old_key.as_ref().is_none_or(|o| *o == k);
+                let partial = new.cells.iter().any(|c| matches!(c, Cell::Absent));
+                if same_key && partial && self.patch(&k, new) {
+                    return;
+                }
+            }
+        }
         match &e.change {
             Change::Insert { new } => {
                 if let Some(k) = new.key(key) {
@@ -196,6 +224,29 @@ impl Chunk {
         }
     }
 
+    /// Sets the cells a partial update carries on the row held for `k`;
+    /// false (nothing changed) if the chunk holds no such row of the same
+    /// shape (a column added since the chunk was read).
+    fn patch(&mut self, k: &Key, new: &Row) -> bool {
+        match self.rows.get_mut(k) {
+            Some(row) if row.cells.len() == new.cells.len() => {
+                for (cell, update) in row.cells.iter_mut().zip(&new.cells) {
+                    if !matches!(update, Cell::Absent) {
+                        *cell = update.clone();
+                    }
+                }
+                true
+            }
+            Some(_) => false,
+            // Not held (read after it was dropped, or out of range): the
+            // update reaches the target through the stream.
+            None => {
+                self.deletes.remove(k);
+                true
+            }
+        }
+    }
+
     /// The rows that are their keys' state at the high watermark, and the
     /// keys that are absent there.
     pub fn into_parts(self) -> (Vec<Row>, Vec<Key>) {
@@ -209,7 +260,7 @@ impl Chunk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Cell, Lsn};
+    use crate::model::Lsn;
 
     fn row(id: &str, v: &str) -> Row {
         Row {
@@ -268,11 +319,50 @@ mod tests {
         let (mut kept, mut deletes) = c.into_parts();
         kept.sort_by_key(|r| r.key(&[0]));
         deletes.sort();
-        assert_eq!(kept, vec![row("6", "old")]);
+        assert_eq!(kept, vec![row("2", "old"), row("6", "old")]);
         assert_eq!(
             deletes,
             vec![k("7")],
             "5 and 8 changed before the watermark"
+        );
+    }
+
+    /// A partial update patches the row it finds (the cells it carries);
+    /// a full update after it still drops the key, and a key change with a
+    /// partial row drops both keys.
+    #[test]
+    fn partial_updates_patch_the_rows_they_find() {
+        let three = |id: &str, a: &str, t: &str| Row {
+            cells: vec![
+                Cell::Present(Some(id.into())),
+                Cell::Present(Some(a.into())),
+                Cell::Present(Some(t.into())),
+            ],
+        };
+        let partial = |id: &str, a: &str| Row {
+            cells: vec![
+                Cell::Present(Some(id.into())),
+                Cell::Present(Some(a.into())),
+                Cell::Absent,
+            ],
+        };
+        let rows = ["1", "2", "3", "4"]
+            .iter()
+            .map(|id| three(id, "a0", "long"))
+            .collect();
+        let mut c = Chunk::new("w".into(), rows, &[0], None, true);
+        let update = |old_key: Option<Key>, new: Row| at(Change::Update { old_key, new });
+        c.observe(&update(None, partial("1", "a1")), &[0]);
+        c.observe(&update(Some(k("2")), partial("2", "a2")), &[0]);
+        c.observe(&update(None, partial("3", "a3")), &[0]);
+        c.observe(&update(None, three("3", "a4", "new")), &[0]);
+        c.observe(&update(Some(k("4")), partial("9", "moved")), &[0]);
+        c.observe(&update(None, partial("7", "not held")), &[0]);
+        let (mut kept, _) = c.into_parts();
+        kept.sort_by_key(|r| r.key(&[0]));
+        assert_eq!(
+            kept,
+            vec![three("1", "a1", "long"), three("2", "a2", "long")]
         );
     }
 
