@@ -2,9 +2,7 @@
 //! seek). rowshift runs one runtime worker (see `main.rs`): a call that
 //! blocks it would stop every other task, so on a multi-thread runtime the
 //! call runs under `block_in_place`, which hands the worker's other tasks
-//! to a fresh thread. On a current-thread runtime (the kafka transport's
-//! processes, some tests) that is not possible: it just runs, and the other
-//! tasks wait for it (these calls take milliseconds).
+//! to a fresh thread. On a current-thread runtime (some tests) it just runs.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 

@@ -239,8 +239,8 @@ fn main() {
     }
 }
 
-/// The async runtime. `TOKIO_WORKER_THREADS=N` asks for a multi-thread
-/// runtime of N workers; otherwise:
+/// The async runtime: a multi-thread runtime, `TOKIO_WORKER_THREADS=N`
+/// workers if set, otherwise:
 ///
 /// - One worker thread (plus tokio's blocking threads). rowshift mostly
 ///   waits on PostgreSQL; its own CPU work (decoding pgoutput, building a
@@ -250,34 +250,30 @@ fn main() {
 ///   a 2-core machine: a backlog of 200k single-row transactions applied at
 ///   30k tx/s, against 40k (one apply connection) and 51k (two) on one
 ///   worker (docs/benchmarks.md).
-/// - The kafka transport's `run` and `apply`: a current-thread runtime, the
-///   main thread alone. There librdkafka's own threads (the producer's
-///   delivery reports, the consumer's fetches) wake the runtime for every
-///   batch; with a worker pool each wake-up moved tasks between threads.
-///   End to end through noida-db it measured 35–50k tx/s, against 26–29k
-///   with one worker per core and 26–33k with one worker (docs/benchmarks.md).
+/// - The kafka transport's `run` and `apply`: one worker per core. A
+///   current-thread runtime ran the end-to-end bench faster (34–39k against
+///   26–29k tx/s), but in the debug-build test suite, with four kafka
+///   pipelines and their brokers sharing two cores, a `run` that produces
+///   and applies on one thread fell so far behind that the backfills missed
+///   their 180 s limit (docs/benchmarks.md, session 6).
 ///
 /// Blocking calls (libpq's connect in the replication reader, a consumer's
-/// seek) go through `rowshift::blocking`; on the current-thread runtime they
-/// hold up the other tasks for as long as they take.
+/// seek) go through `rowshift::blocking`.
 fn runtime(kafka: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0);
-    let mut builder = match (workers, kafka) {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    match (workers, kafka) {
         (Some(n), _) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
+            builder.worker_threads(n);
         }
         (None, false) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(1);
-            b
+            builder.worker_threads(1);
         }
-        (None, true) => tokio::runtime::Builder::new_current_thread(),
-    };
+        (None, true) => {}
+    }
     builder.enable_all().build()
 }
 
