@@ -105,15 +105,13 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
             columns: &schema.columns,
             key: &schema.key,
         };
-        let consumer = Consumer::new(
-            &brokers,
-            &format!("g_{topic}"),
-            &topic,
-            &registry.url,
-            &Vec::new(),
-        )
-        .expect("consumer")
-        .idle_pause(Duration::from_millis(10));
+        // A member of `group` with the idle pause `pause`.
+        let member = |group: String, pause: Duration| {
+            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new())
+                .expect("consumer")
+                .idle_pause(pause)
+        };
+        let consumer = member(format!("g_{topic}"), Duration::from_millis(10));
         // Join the group and read every partition to its (empty) end.
         idle_cpu(&consumer, &layout, 6).await;
 
@@ -164,15 +162,7 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
         // empty fetches at once: far less than with the pause off.
         if *name == "noida" {
             let paused = idle_cpu(&consumer, &layout, 3).await;
-            let spinning = Consumer::new(
-                &brokers,
-                &format!("g2_{topic}"),
-                &topic,
-                &registry.url,
-                &Vec::new(),
-            )
-            .expect("consumer")
-            .idle_pause(Duration::ZERO);
+            let spinning = member(format!("g2_{topic}"), Duration::ZERO);
             // Read what is there, then wait at the end.
             let end = Instant::now() + Duration::from_secs(30);
             let mut n = 0;
