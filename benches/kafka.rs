@@ -89,15 +89,17 @@ fn pipeline(name: &str, table: &str, transport: &str) -> String {
     .replace("public.orders_v2", &format!("public.{table}"))
 }
 
-/// `BENCH_IDLE_PAUSE=N` sets the appliers' `idle_fetch_pause_ms` (default 0).
+/// `BENCH_IDLE_PAUSE=N` sets the appliers' `idle_fetch_pause_ms` (unset:
+/// the pipeline default).
 fn kafka_transport(broker: &str, registry: &str, apply_in_run: bool) -> String {
-    let pause: u64 = std::env::var("BENCH_IDLE_PAUSE")
+    let pause = std::env::var("BENCH_IDLE_PAUSE")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| format!(", idle_fetch_pause_ms: {ms}"))
+        .unwrap_or_default();
     format!(
         "{{ kind: kafka, batch_events: 10000, kafka: {{ brokers: \"{broker}\", registry_url: \"{registry}\", \
-         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}, idle_fetch_pause_ms: {pause} }} }}"
+         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}{pause} }} }}"
     )
 }
 

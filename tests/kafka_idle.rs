@@ -1,9 +1,11 @@
 //! With `idle_fetch_pause_ms`, a caught-up applier's consumer pauses each
-//! partition it has read to its end (see `Consumer::idle_pause`): noida-db
+//! partition it has read to its end (see `transport::kafka::idle`): noida-db
 //! answers a fetch at the end of the log at once, empty, and librdkafka
 //! would fetch again at once, keeping a core busy. The pause must not cost
 //! a record: records produced in bursts while the consumer waits arrive once
-//! each, in order, on both brokers.
+//! each, in order, on both brokers, and a record produced after a quiet
+//! spell is read within a small part of a second (librdkafka's fetcher,
+//! asleep with every partition paused, is woken on resume).
 //!
 //! A test binary of its own: it compares the CPU time of this process, which
 //! the tests of a shared binary would add to.
@@ -20,6 +22,7 @@ use rowshift::transport::kafka::decode::Layout;
 use rowshift::transport::kafka::envelope::{ColumnType, TableSchema};
 use rowshift::transport::kafka::producer::{ensure_topic, Producer};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BROKERS: &[(&str, &str)] = &[
@@ -28,6 +31,8 @@ const BROKERS: &[(&str, &str)] = &[
 ];
 
 const RECORDS: i64 = 300;
+/// Records produced one at a time after quiet spells.
+const LATE: i64 = 5;
 
 fn insert(id: i64) -> ChangeEvent {
     ChangeEvent {
@@ -107,24 +112,38 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
         };
         // A member of `group` with the idle pause `pause`.
         let member = |group: String, pause: Duration| {
-            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new())
+            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new(), pause)
                 .expect("consumer")
-                .idle_pause(pause)
         };
         let consumer = member(format!("g_{topic}"), Duration::from_millis(10));
         // Join the group and read every partition to its (empty) end.
         idle_cpu(&consumer, &layout, 6).await;
 
         // Bursts with gaps around the pause, produced while the consumer polls.
-        let producer = Producer::new(&brokers, &Vec::new()).expect("producer");
-        let encoder = Encoder::new(&registry.url, &schema);
-        let (t, s) = (topic.clone(), schema.clone());
+        let producer = Arc::new(Producer::new(&brokers, &Vec::new()).expect("producer"));
+        let encoder = Arc::new(Encoder::new(&registry.url, &schema));
+        let produce = {
+            let (producer, encoder, t, s) = (
+                producer.clone(),
+                encoder.clone(),
+                topic.clone(),
+                schema.clone(),
+            );
+            move |id: i64| {
+                let (producer, encoder, t, s) =
+                    (producer.clone(), encoder.clone(), t.clone(), s.clone());
+                async move {
+                    for r in s.records(&insert(id), false, 0).expect("records") {
+                        let (k, v) = encoder.encode(&r).await.expect("encode");
+                        producer.send(&t, &k, v.as_deref()).await.expect("produce");
+                    }
+                }
+            }
+        };
+        let burst = produce.clone();
         let writer = tokio::spawn(async move {
             for id in 1..=RECORDS {
-                for r in s.records(&insert(id), false, 0).expect("records") {
-                    let (k, v) = encoder.encode(&r).await.expect("encode");
-                    producer.send(&t, &k, v.as_deref()).await.expect("produce");
-                }
+                burst(id).await;
                 if id % 10 == 0 {
                     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 25)).await;
                 }
@@ -158,6 +177,36 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
             "{name}: every record once"
         );
 
+        // After a quiet spell (every partition paused, librdkafka's fetcher
+        // asleep), a new record is read within a small part of a second,
+        // not at the fetcher's next timed wake-up (up to 1 s).
+        let mut delays = Vec::new();
+        for id in RECORDS + 1..=RECORDS + LATE {
+            idle_cpu(&consumer, &layout, 1).await;
+            let sent = Instant::now();
+            produce(id).await;
+            let mut got = Vec::new();
+            while got.is_empty() && sent.elapsed() < Duration::from_secs(10) {
+                got = consumer
+                    .poll(&layout, 100, Duration::from_millis(50), None)
+                    .await
+                    .expect("poll")
+                    .items;
+            }
+            delays.push(sent.elapsed());
+            let ids: Vec<i64> = got
+                .iter()
+                .filter_map(|i| i.event.as_ref())
+                .map(id_of)
+                .collect();
+            assert_eq!(ids, vec![id], "{name}: the record after a quiet spell");
+        }
+        delays.sort_unstable();
+        assert!(
+            delays[2] < Duration::from_millis(250),
+            "{name}: records after a quiet spell were read late: {delays:?}"
+        );
+
         // Waiting at the end costs little CPU on noida-db, which answers
         // empty fetches at once: far less than with the pause off.
         if *name == "noida" {
@@ -166,7 +215,7 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
             // Read what is there, then wait at the end.
             let end = Instant::now() + Duration::from_secs(30);
             let mut n = 0;
-            while n < RECORDS && Instant::now() < end {
+            while n < RECORDS + LATE && Instant::now() < end {
                 n += spinning
                     .poll(&layout, 1000, Duration::from_millis(500), None)
                     .await
@@ -174,7 +223,7 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
                     .items
                     .len() as i64;
             }
-            assert_eq!(n, RECORDS, "the second group reads everything");
+            assert_eq!(n, RECORDS + LATE, "the second group reads everything");
             let unpaused = idle_cpu(&spinning, &layout, 3).await;
             assert!(
                 paused * 3 < unpaused,

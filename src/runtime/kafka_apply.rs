@@ -64,8 +64,8 @@ pub async fn run(
         &p.kafka_topic(),
         &registry,
         &props,
-    )?
-    .idle_pause(Duration::from_millis(k.idle_fetch_pause_ms));
+        Duration::from_millis(k.idle_fetch_pause_ms),
+    )?;
     let layout = Layout {
         columns: &schema.columns,
         key: &schema.key,

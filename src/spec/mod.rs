@@ -153,7 +153,7 @@ pub struct Kafka {
     /// `rowshift run` applies too (false: only `rowshift apply` processes do).
     pub apply_in_run: bool,
     /// How long an applier stops fetching a partition read to its end
-    /// (see `Consumer::idle_pause`); 0 (default): it does not.
+    /// (see `transport::kafka::idle`); 0: it does not.
     pub idle_fetch_pause_ms: u64,
 }
 

@@ -8,6 +8,12 @@ use super::{
 };
 use serde_yaml::Value;
 
+/// `transport.kafka.idle_fetch_pause_ms` unless set: short next to the lag
+/// an operator watches, long enough that a caught-up applier on a broker
+/// that answers empty fetches at once does not fetch in a loop (see
+/// `transport::kafka::idle`).
+const DEFAULT_IDLE_FETCH_PAUSE_MS: u64 = 10;
+
 /// `mapping.inverse`: source column → SQL expression over the new table's columns.
 pub(super) fn inverse_field(f: &mut Fields, p: &mut Problems) -> Vec<(String, String)> {
     let path = f.path_of("inverse");
@@ -250,7 +256,8 @@ fn kafka_field(t: &mut Fields, p: &mut Problems) -> Kafka {
         }
     }
     let apply_in_run = k.boolean("apply_in_run", p).unwrap_or(true);
-    let idle_fetch_pause_ms = k.integer("idle_fetch_pause_ms", 0, 1_000, p).unwrap_or(0);
+    let idle_fetch_pause_ms = k.integer("idle_fetch_pause_ms", 0, 1_000, p)
+        .unwrap_or(DEFAULT_IDLE_FETCH_PAUSE_MS);
     k.finish(p);
     Kafka {
         brokers,

@@ -174,7 +174,7 @@ fn the_kafka_section_has_defaults_and_checks() {
     assert_eq!(k.registry_url, Setting::Value("http://r:8081".into()));
     assert_eq!((k.partitions, k.replication_factor), (6, 1));
     assert!(k.apply_in_run);
-    assert_eq!(k.idle_fetch_pause_ms, 0);
+    assert_eq!(k.idle_fetch_pause_ms, 10);
     assert_eq!(p.kafka_topic(), "rowshift.orders_v2");
 
     let bad = format!(

@@ -289,8 +289,15 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             key: &schema.key,
         };
         let group = format!("g_{topic}");
-        let consumer =
-            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new()).expect("consumer");
+        let consumer = Consumer::new(
+            &brokers,
+            &group,
+            &topic,
+            &registry.url,
+            &Vec::new(),
+            Duration::ZERO,
+        )
+        .expect("consumer");
         let mut got = Vec::new();
         let mut polls = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -348,8 +355,15 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             consumer.commit(&p.next, true).expect("commit");
         }
         drop(consumer);
-        let again =
-            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new()).expect("consumer");
+        let again = Consumer::new(
+            &brokers,
+            &group,
+            &topic,
+            &registry.url,
+            &Vec::new(),
+            Duration::ZERO,
+        )
+        .expect("consumer");
         let p = again
             .poll(&layout, 100, Duration::from_secs(8), None)
             .await
@@ -365,6 +379,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             &topic,
             &registry.url,
             &Vec::new(),
+            Duration::ZERO,
         )
         .expect("consumer");
         let mut n = 0;
@@ -425,7 +440,8 @@ async fn a_fetch_response_over_the_client_limit_is_named() {
             let layout = &layout;
             async move {
                 let consumer =
-                    Consumer::new(&brokers, &group, &topic, &registry, &props).expect("consumer");
+                    Consumer::new(&brokers, &group, &topic, &registry, &props, Duration::ZERO)
+                        .expect("consumer");
                 let mut n = 0;
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while n < RECORDS && Instant::now() < deadline {

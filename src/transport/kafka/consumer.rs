@@ -5,6 +5,7 @@
 //! partition per key); across keys the sink needs none.
 
 use super::decode::Layout;
+use super::idle::IdlePause;
 use super::logs;
 use super::producer::{Passthrough, INCARNATION_HEADER};
 use crate::error::{Error, Result};
@@ -134,24 +135,28 @@ impl ConsumerContext for Assignments {
 const RECEIVE_MAX_BYTES: &str = "1073741824";
 
 pub struct Consumer {
-    inner: StreamConsumer<Assignments>,
+    /// Before `inner`: its wake thread holds the consumer, and is joined
+    /// when this is dropped.
+    idle: IdlePause,
+    inner: Arc<StreamConsumer<Assignments>>,
     assigned: Arc<Mutex<Vec<i32>>>,
     starts: Arc<Mutex<HashMap<i32, i64>>>,
     oversized: Arc<Mutex<Option<String>>>,
     topic: String,
     decoder: AvroDecoder<'static>,
-    idle_pause: Duration,
-    /// Partitions paused at their end, and when to resume each.
-    paused: Mutex<Vec<(i32, tokio::time::Instant)>>,
 }
 
 impl Consumer {
+    /// A member of `group` reading `topic`. With a non-zero `idle_pause`, a
+    /// partition read to its end is not fetched again for that long (see
+    /// [`super::idle`]).
     pub fn new(
         brokers: &str,
         group: &str,
         topic: &str,
         registry_url: &str,
         passthrough: &Passthrough,
+        idle_pause: Duration,
     ) -> Result<Consumer> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", brokers)
@@ -162,7 +167,7 @@ impl Consumer {
             .set("fetch.wait.max.ms", "20")
             .set("isolation.level", "read_committed")
             .set("receive.message.max.bytes", RECEIVE_MAX_BYTES)
-            .set("enable.partition.eof", "true")
+            .set("enable.partition.eof", (!idle_pause.is_zero()).to_string())
             .set_log_level(logs::level());
         for (k, v) in passthrough {
             cfg.set(k, v);
@@ -173,86 +178,22 @@ impl Consumer {
             ctx.starts.clone(),
             ctx.oversized.clone(),
         );
-        let inner: StreamConsumer<Assignments> =
-            cfg.create_with_context(ctx).map_err(|e| Error::Config {
+        let inner: Arc<StreamConsumer<Assignments>> =
+            Arc::new(cfg.create_with_context(ctx).map_err(|e| Error::Config {
                 reason: format!("kafka consumer: {e}"),
-            })?;
+            })?);
         inner
             .subscribe(&[topic])
             .map_err(|e| Error::Replication(format!("subscribe to {topic}: {e}")))?;
         Ok(Consumer {
+            idle: IdlePause::new(idle_pause, topic, &inner),
             inner,
             assigned,
             starts,
             oversized,
             topic: topic.to_string(),
             decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
-            idle_pause: Duration::ZERO,
-            paused: Mutex::new(Vec::new()),
         })
-    }
-
-    /// Sets the idle pause: a partition read to its end is not fetched
-    /// again for this long (zero, the default: it is, at once).
-    ///
-    /// A broker that honours `fetch.wait.max.ms` holds a fetch at the end of
-    /// the log until records arrive. One that does not (noida-db 0.2.3)
-    /// answers it at once, empty, and librdkafka fetches again at once: a
-    /// caught-up applier keeps a core busy, and the broker another. With an
-    /// idle pause, when librdkafka reports a partition's end
-    /// (`enable.partition.eof`), the partition is paused that long.
-    ///
-    /// The price is latency: librdkafka resumes a partition on its main
-    /// thread without waking the broker thread, which, with every partition
-    /// paused, sleeps up to one second (`rd_kafka_max_block_ms`, fixed). A
-    /// record arriving after a quiet spell was read 0.5–1 s late in tests,
-    /// so the pause is off unless a pipeline asks for it.
-    ///
-    /// Nothing is skipped: the end is reported after every record fetched
-    /// before it, and a fetch that was under way when the pause began is
-    /// dropped; on resume librdkafka fetches from the record after the last
-    /// one delivered. Resuming bumps the partition's fetch version, so the
-    /// next empty fetch reports the end again.
-    pub fn idle_pause(mut self, pause: Duration) -> Consumer {
-        self.idle_pause = pause;
-        self
-    }
-
-    /// `partition` was read to its end: pause it for the idle pause.
-    fn pause_at_end(&self, partition: i32) {
-        if self.idle_pause.is_zero() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, partition);
-        if self.inner.pause(&tpl).is_err() {
-            return;
-        }
-        if let Ok(mut paused) = self.paused.lock() {
-            let at = tokio::time::Instant::now() + self.idle_pause;
-            paused.retain(|(p, _)| *p != partition);
-            paused.push((partition, at));
-        }
-    }
-
-    /// Resumes the paused partitions that are due; returns when the next
-    /// one is.
-    fn resume_due(&self) -> Option<tokio::time::Instant> {
-        let mut paused = self.paused.lock().ok()?;
-        let now = tokio::time::Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        paused.retain(|(p, at)| {
-            if *at <= now {
-                tpl.add_partition(&self.topic, *p);
-            }
-            *at > now
-        });
-        if tpl.count() > 0 {
-            if let Err(e) = self.inner.resume(&tpl) {
-                tracing::warn!(topic = %self.topic, error = %e, "kafka: resuming partitions after an idle pause failed");
-            }
-        }
-        paused.iter().map(|(_, at)| *at).min()
     }
 
     /// Waits for at least one record (or `wait`), then takes what else is
@@ -262,7 +203,7 @@ impl Consumer {
     /// the caller skips those as applied, so they are not decoded (after a
     /// reset to the log's beginning that is most of what is read).
     /// A partition read to its end pauses for the idle pause (see
-    /// [`Self::idle_pause`]).
+    /// [`super::idle`]).
     pub async fn poll(
         &self,
         layout: &Layout<'_>,
@@ -274,13 +215,13 @@ impl Consumer {
         let starts: HashMap<i32, i64> = self.starts.lock().map(|s| s.clone()).unwrap_or_default();
         let mut deadline = tokio::time::Instant::now() + wait;
         while out.items.len() < max {
-            let resume = self.resume_due();
+            let resume = self.idle.resume_due(&self.inner);
             let until = resume.map_or(deadline, |r| r.min(deadline));
             let msg = match tokio::time::timeout_at(until, self.inner.recv()).await {
                 Err(_) if until < deadline => continue,
                 Err(_) => break,
                 Ok(Err(KafkaError::PartitionEOF(partition))) => {
-                    self.pause_at_end(partition);
+                    self.idle.at_end(&self.inner, partition);
                     continue;
                 }
                 Ok(Err(e)) => return Err(self.consume_error(e)),

@@ -15,7 +15,8 @@
 //! - [`snapshot`]: the DBLog-style backfill chunks and why they are correct;
 //! - [`decode`] and [`consumer`]: a consumer-group member that turns records
 //!   back into change events, starts newly assigned partitions at the stored
-//!   positions and commits offsets only when told.
+//!   positions and commits offsets only when told; [`idle`]: the pause
+//!   that keeps a caught-up consumer from fetching in a loop.
 //!
 //! - [`logs`]: librdkafka's own log lines and errors, forwarded to tracing.
 //!
@@ -28,6 +29,7 @@ pub mod codec;
 pub mod consumer;
 pub mod decode;
 pub mod envelope;
+mod idle;
 pub mod logs;
 pub mod producer;
 pub mod snapshot;
