@@ -97,9 +97,12 @@ fn kafka_transport(broker: &str, registry: &str, apply_in_run: bool) -> String {
         .and_then(|v| v.parse::<u64>().ok())
         .map(|ms| format!(", idle_fetch_pause_ms: {ms}"))
         .unwrap_or_default();
+    let props = std::env::var("BENCH_PROPS")
+        .map(|p| format!(", properties: {{ {p} }}"))
+        .unwrap_or_default();
     format!(
         "{{ kind: kafka, batch_events: 10000, kafka: {{ brokers: \"{broker}\", registry_url: \"{registry}\", \
-         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}{pause} }} }}"
+         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}{pause}{props} }} }}"
     )
 }
 

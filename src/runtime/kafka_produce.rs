@@ -126,9 +126,11 @@ pub async fn run(
             schema.clone(),
             stop.clone(),
         );
-        Some(tokio::spawn(async move {
+        // On a thread of its own: `run` is a current-thread process (see
+        // `main.rs`), and the producer must not wait on the applier's work.
+        Some(super::own_thread("rowshift-apply", async move {
             kafka_apply::run(&p2, &d2, m2, &s2, c2).await
-        }))
+        })?)
     } else {
         None
     };
@@ -368,7 +370,7 @@ pub async fn run(
                     match joined {
                         Ok(Ok(())) => return Err(Error::Stopped("the applier stopped".into())),
                         Ok(Err(e)) => return Err(e),
-                        Err(e) => return Err(Error::Replication(format!("the applier task failed: {e}"))),
+                        Err(_) => return Err(Error::Replication("the applier thread failed".into())),
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -386,3 +386,23 @@ async fn estimate_rows(
         .map_err(Error::db("count source rows"))?
         .get(0))
 }
+
+/// Runs `fut` on a thread of its own, on a current-thread runtime of its
+/// own; the receiver gets its result (an error if the thread panicked).
+fn own_thread<F>(name: &str, fut: F) -> Result<tokio::sync::oneshot::Receiver<Result<()>>>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Replication(format!("start a runtime for {name}: {e}")))?;
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = tx.send(runtime.block_on(fut));
+        })
+        .map_err(|e| Error::Replication(format!("start a thread for {name}: {e}")))?;
+    Ok(rx)
+}

@@ -256,7 +256,8 @@ fn kafka_field(t: &mut Fields, p: &mut Problems) -> Kafka {
         }
     }
     let apply_in_run = k.boolean("apply_in_run", p).unwrap_or(true);
-    let idle_fetch_pause_ms = k.integer("idle_fetch_pause_ms", 0, 1_000, p)
+    let idle_fetch_pause_ms = k
+        .integer("idle_fetch_pause_ms", 0, 1_000, p)
         .unwrap_or(DEFAULT_IDLE_FETCH_PAUSE_MS);
     k.finish(p);
     Kafka {

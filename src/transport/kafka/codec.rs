@@ -1,21 +1,27 @@
 //! Encoding records in the Confluent wire format (magic byte 0, 4-byte
-//! schema id, Avro datum) with `schema_registry_converter`: the key and
-//! value schemas of a table are registered under `<topic>-key` and
-//! `<topic>-value` on first use.
+//! schema id, Avro datum). `schema_registry_converter` registers the key and
+//! value schemas of a table under `<topic>-key` and `<topic>-value` on first
+//! use and gives their ids; the datum is written by [`super::wire`].
 
 use super::envelope::{Record, TableSchema};
+use super::wire;
 use crate::error::{Error, Result};
+use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::AvroEncoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
+use tokio::sync::OnceCell;
 
 /// Encodes one table's records.
 pub struct Encoder {
     inner: AvroEncoder<'static>,
     key: SubjectNameStrategy,
     value: SubjectNameStrategy,
+    /// The registered ids of the key and value schemas, once known.
+    key_id: OnceCell<u32>,
+    value_id: OnceCell<u32>,
 }
 
 fn supplied(name: String, schema: &serde_json::Value) -> SuppliedSchema {
@@ -46,25 +52,52 @@ impl Encoder {
                 false,
                 supplied(format!("{ns}.Envelope"), &table.value_schema()),
             ),
+            key_id: OnceCell::new(),
+            value_id: OnceCell::new(),
         }
+    }
+
+    /// The id `strategy`'s schema is registered under (registering it on
+    /// first use).
+    async fn id(&self, cell: &OnceCell<u32>, strategy: &SubjectNameStrategy) -> Result<u32> {
+        cell.get_or_try_init(|| async {
+            let subject = strategy
+                .get_subject()
+                .map_err(|e| Error::Replication(format!("schema subject: {e}")))?;
+            self.inner
+                .get_schema_and_id(&subject, strategy.clone())
+                .await
+                .map(|s| s.id)
+                .map_err(|e| Error::Replication(format!("register schema {subject}: {e}")))
+        })
+        .await
+        .copied()
     }
 
     /// Key bytes and value bytes (`None`: a tombstone).
     pub async fn encode(&self, record: &Record) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
-        let key = self
-            .inner
-            .encode_value(record.key.clone(), &self.key)
-            .await
+        let key_id = self.id(&self.key_id, &self.key).await?;
+        let key = framed(key_id, &record.key, 32)
             .map_err(|e| Error::Replication(format!("encode key: {e}")))?;
         let value = match &record.value {
             None => None,
-            Some(v) => Some(
-                self.inner
-                    .encode_value(v.clone(), &self.value)
-                    .await
-                    .map_err(|e| Error::Replication(format!("encode value: {e}")))?,
-            ),
+            Some(v) => {
+                let id = self.id(&self.value_id, &self.value).await?;
+                Some(
+                    framed(id, v, 256)
+                        .map_err(|e| Error::Replication(format!("encode value: {e}")))?,
+                )
+            }
         };
         Ok((key, value))
     }
+}
+
+/// The Confluent frame: magic byte 0, the schema id (big-endian), the datum.
+fn framed(id: u32, value: &Value, capacity: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(capacity);
+    out.push(0);
+    out.extend_from_slice(&id.to_be_bytes());
+    wire::encode(value, &mut out)?;
+    Ok(out)
 }

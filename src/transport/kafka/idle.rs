@@ -14,9 +14,9 @@
 //! (`rd_kafka_max_block_ms`, fixed): a record arriving after a quiet spell
 //! was read 0.5–1 s late. Any request queued to the broker wakes its thread,
 //! which then sees the partition resumed and fetches it. So each resume is
-//! followed by a watermark query for the partition (a `ListOffsets` to its
-//! leader), sent from a thread of the pause's own because the call blocks
-//! until the answer.
+//! followed by an offset query for the partitions resumed together (one
+//! `ListOffsets` to each leader), sent from a thread of the pause's own
+//! because the call blocks until the answer.
 //!
 //! Nothing is skipped: the end is reported after every record fetched
 //! before it, and a fetch that was under way when the pause began is
@@ -26,14 +26,14 @@
 //! again.
 
 use rdkafka::consumer::{Consumer as _, ConsumerContext, StreamConsumer};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long a wake's watermark query may take (a broker that is down).
+/// How long a wake's offset query may take (a broker that is down).
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(super) struct IdlePause {
@@ -147,10 +147,14 @@ impl Waker {
                     }
                     partitions.sort_unstable();
                     partitions.dedup();
-                    for p in partitions {
-                        if let Err(e) = consumer.fetch_watermarks(&topic, p, WAKE_TIMEOUT) {
-                            tracing::debug!(topic = %topic, partition = p, error = %e, "kafka: waking the fetcher after an idle pause failed");
-                        }
+                    // One `ListOffsets` (latest) to each partition's leader:
+                    // librdkafka groups the partitions by leader.
+                    let mut tpl = TopicPartitionList::new();
+                    for p in &partitions {
+                        let _ = tpl.add_partition_offset(&topic, *p, Offset::End);
+                    }
+                    if let Err(e) = consumer.offsets_for_times(tpl, WAKE_TIMEOUT) {
+                        tracing::debug!(topic = %topic, error = %e, "kafka: waking the fetcher after an idle pause failed");
                     }
                 }
             });

@@ -9,7 +9,7 @@
 //!   by a tombstone; unchanged TOAST columns are listed in `unavailable`);
 //! - [`codec`]: Confluent wire-format encoding through
 //!   `schema_registry_converter` (schemas registered under `<topic>-key` and
-//!   `<topic>-value`);
+//!   `<topic>-value`), the datum written by [`wire`];
 //! - [`producer`]: idempotent, `acks=all`; each send's acknowledgement is
 //!   awaited in stream order before the slot is confirmed past it;
 //! - [`snapshot`]: the DBLog-style backfill chunks and why they are correct;
@@ -33,3 +33,4 @@ mod idle;
 pub mod logs;
 pub mod producer;
 pub mod snapshot;
+pub mod wire;
