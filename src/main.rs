@@ -245,23 +245,19 @@ fn main() {
     }
 }
 
-/// The async runtime: a multi-thread runtime, `TOKIO_WORKER_THREADS=N`
-/// workers if set, otherwise:
+/// The async runtime: `TOKIO_WORKER_THREADS=N` workers if set, otherwise:
 ///
 /// - One worker thread (plus tokio's blocking threads). rowshift mostly
 ///   waits on PostgreSQL; its own CPU work (decoding pgoutput, building a
 ///   batch's arrays) fits in one core, and on one thread the replication
 ///   reader hands each message to the applier without waking a parked
-///   thread. With two workers those wake-ups dominated rowshift's profile on
-///   a 2-core machine: a backlog of 200k single-row transactions applied at
-///   30k tx/s, against 40k (one apply connection) and 51k (two) on one
-///   worker (docs/benchmarks.md).
-/// - The kafka transport's `run` and `apply`: one worker per core. A
-///   current-thread runtime ran the end-to-end bench faster (34–39k against
-///   26–29k tx/s), but in the debug-build test suite, with four kafka
-///   pipelines and their brokers sharing two cores, a `run` that produces
-///   and applies on one thread fell so far behind that the backfills missed
-///   their 180 s limit (docs/benchmarks.md, session 6).
+///   thread: 200k single-row transactions applied at 40–51k tx/s, against
+///   30k with two workers on 2 cores (docs/benchmarks.md).
+/// - The kafka transport's `run` and `apply`: a current-thread runtime
+///   (librdkafka has threads of its own); a `run` that also applies runs
+///   its applier on a thread of its own (`runtime::own_thread`). Waking
+///   worker threads for delivery reports took 29 % of a multi-thread
+///   `run`'s profile (docs/benchmarks.md, sessions 6 and 7).
 ///
 /// Blocking calls (libpq's connect in the replication reader, a consumer's
 /// seek) go through `rowshift::blocking`.
