@@ -87,6 +87,25 @@ fn events() -> Vec<ChangeEvent> {
     ]
 }
 
+/// A member of `group` with no pass-through settings and no idle pause.
+fn plain_consumer(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    registry: &str,
+) -> rowshift::transport::kafka::consumer::Consumer {
+    let no_pause = std::time::Duration::ZERO;
+    rowshift::transport::kafka::consumer::Consumer::new(
+        brokers,
+        group,
+        topic,
+        registry,
+        &Vec::new(),
+        no_pause,
+    )
+    .expect("consumer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_clients_decode_every_record() {
     let registry = Registry::start();
@@ -262,7 +281,6 @@ async fn an_added_column_is_a_backward_compatible_new_version() {
 /// the group again, and a new group starts from the beginning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
-    use rowshift::transport::kafka::consumer::Consumer;
     use rowshift::transport::kafka::decode::Layout;
     use std::time::Duration;
     let registry = Registry::start();
@@ -289,15 +307,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             key: &schema.key,
         };
         let group = format!("g_{topic}");
-        let consumer = Consumer::new(
-            &brokers,
-            &group,
-            &topic,
-            &registry.url,
-            &Vec::new(),
-            Duration::ZERO,
-        )
-        .expect("consumer");
+        let consumer = plain_consumer(&brokers, &group, &topic, &registry.url);
         let mut got = Vec::new();
         let mut polls = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -355,15 +365,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             consumer.commit(&p.next, true).expect("commit");
         }
         drop(consumer);
-        let again = Consumer::new(
-            &brokers,
-            &group,
-            &topic,
-            &registry.url,
-            &Vec::new(),
-            Duration::ZERO,
-        )
-        .expect("consumer");
+        let again = plain_consumer(&brokers, &group, &topic, &registry.url);
         let p = again
             .poll(&layout, 100, Duration::from_secs(8), None)
             .await
@@ -373,15 +375,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
             "{name}: committed records came back: {:?}",
             p.items
         );
-        let fresh = Consumer::new(
-            &brokers,
-            &format!("{group}_new"),
-            &topic,
-            &registry.url,
-            &Vec::new(),
-            Duration::ZERO,
-        )
-        .expect("consumer");
+        let fresh = plain_consumer(&brokers, &format!("{group}_new"), &topic, &registry.url);
         let mut n = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while n < 5 && std::time::Instant::now() < deadline {
