@@ -17,7 +17,7 @@ use registry::Registry;
 use rowshift::model::{Cell, Change, ChangeEvent, Lsn, Row};
 use rowshift::spec::TableName;
 use rowshift::transport::kafka::codec::Encoder;
-use rowshift::transport::kafka::consumer::Consumer;
+use rowshift::transport::kafka::consumer::{Consumer, Fetching};
 use rowshift::transport::kafka::decode::Layout;
 use rowshift::transport::kafka::envelope::{ColumnType, TableSchema};
 use rowshift::transport::kafka::producer::{ensure_topic, Producer};
@@ -112,8 +112,18 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
         };
         // A member of `group` with the idle pause `pause`.
         let member = |group: String, pause: Duration| {
-            Consumer::new(&brokers, &group, &topic, &registry.url, &Vec::new(), pause)
-                .expect("consumer")
+            Consumer::new(
+                &brokers,
+                &group,
+                &topic,
+                &registry.url,
+                &Vec::new(),
+                Fetching {
+                    idle_pause: pause,
+                    prefetch: 0,
+                },
+            )
+            .expect("consumer")
         };
         let consumer = member(format!("g_{topic}"), Duration::from_millis(10));
         // Join the group and read every partition to its (empty) end.

@@ -31,7 +31,7 @@ use crate::spec::Pipeline;
 use crate::state::kafka::{PartBatch, Position};
 use crate::state::{self, Desired};
 use crate::transform::Mapping;
-use crate::transport::kafka::consumer::{Consumer, Polled};
+use crate::transport::kafka::consumer::{Consumer, Fetching, Polled};
 use crate::transport::kafka::decode::Layout;
 use crate::transport::kafka::envelope::TableSchema;
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+
+/// The fewest records per partition an applier keeps ready (see
+/// [`Fetching::prefetch`]).
+const MIN_PREFETCH: usize = 500;
 
 /// Applies the topic until cancelled, the pipeline ends or it is aborted.
 pub async fn run(
@@ -64,7 +68,11 @@ pub async fn run(
         &p.kafka_topic(),
         &registry,
         &props,
-        Duration::from_millis(k.idle_fetch_pause_ms),
+        Fetching {
+            idle_pause: Duration::from_millis(k.idle_fetch_pause_ms),
+            // About one poll's worth ready across the partitions.
+            prefetch: (p.transport.batch_events / k.partitions.max(1) as usize).max(MIN_PREFETCH),
+        },
     )?;
     let layout = Layout {
         columns: &schema.columns,
@@ -105,6 +113,7 @@ pub async fn run(
         // them, so a rewind that lowers one makes the partition be read
         // again (its undecoded records dropped), never applied as empty.
         consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
+        let polling = Instant::now();
         let mut polled = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,
@@ -122,8 +131,16 @@ pub async fn run(
             if polled.items.is_empty() {
                 break;
             }
+            let applying = Instant::now();
             if apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach).await? {
                 consumer.commit(&polled.next, false)?;
+                tracing::debug!(
+                    pipeline = %p.name,
+                    records = polled.items.len(),
+                    poll_ms = (applying - polling).as_millis() as u64,
+                    apply_ms = applying.elapsed().as_millis() as u64,
+                    "applied a poll"
+                );
                 break;
             }
         }

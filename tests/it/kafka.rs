@@ -94,14 +94,14 @@ fn plain_consumer(
     topic: &str,
     registry: &str,
 ) -> rowshift::transport::kafka::consumer::Consumer {
-    let no_pause = std::time::Duration::ZERO;
-    rowshift::transport::kafka::consumer::Consumer::new(
+    use rowshift::transport::kafka::consumer::{Consumer, Fetching};
+    Consumer::new(
         brokers,
         group,
         topic,
         registry,
         &Vec::new(),
-        no_pause,
+        Fetching::default(),
     )
     .expect("consumer")
 }
@@ -397,7 +397,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_response_over_the_client_limit_is_named() {
     use rowshift::error::Error;
-    use rowshift::transport::kafka::consumer::Consumer;
+    use rowshift::transport::kafka::consumer::{Consumer, Fetching};
     use rowshift::transport::kafka::decode::Layout;
     use std::time::{Duration, Instant};
     let registry = Registry::start();
@@ -421,7 +421,8 @@ async fn a_fetch_response_over_the_client_limit_is_named() {
         let brokers = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
         let topic = format!("big_{name}_{:08x}", rand::random::<u32>());
         let producer = Producer::new(&brokers, &Vec::new()).expect("producer");
-        let value = vec![7u8; 100_000];
+        // Random bytes: the producer compresses, and this must stay large.
+        let value: Vec<u8> = (0..100_000).map(|_| rand::random::<u8>()).collect();
         for i in 0..RECORDS {
             producer
                 .send(&topic, format!("k{i}").as_bytes(), Some(&value))
@@ -433,9 +434,15 @@ async fn a_fetch_response_over_the_client_limit_is_named() {
             let (brokers, topic, registry) = (brokers.clone(), topic.clone(), registry.url.clone());
             let layout = &layout;
             async move {
-                let consumer =
-                    Consumer::new(&brokers, &group, &topic, &registry, &props, Duration::ZERO)
-                        .expect("consumer");
+                let consumer = Consumer::new(
+                    &brokers,
+                    &group,
+                    &topic,
+                    &registry,
+                    &props,
+                    Fetching::default(),
+                )
+                .expect("consumer");
                 let mut n = 0;
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while n < RECORDS && Instant::now() < deadline {

@@ -4,7 +4,7 @@
 //! applied (invariant 3). Per key, order is the producer's order (one
 //! partition per key); across keys the sink needs none.
 
-use super::decode::Layout;
+use super::decode::{self, Layout, Plan};
 use super::idle::IdlePause;
 use super::logs;
 use super::producer::{Passthrough, INCARNATION_HEADER};
@@ -18,8 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use schema_registry_converter::async_impl::avro::AvroDecoder;
-use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -134,6 +133,23 @@ impl ConsumerContext for Assignments {
 /// to read at all. It bounds the memory such a response can take.
 const RECEIVE_MAX_BYTES: &str = "1073741824";
 
+/// How a consumer paces its fetches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fetching {
+    /// A partition read to its end is not fetched again for this long (0:
+    /// no pause; see [`super::idle`]).
+    pub idle_pause: Duration,
+    /// Records per partition librdkafka keeps ready before it stops
+    /// fetching that partition (`queued.min.messages`; 0: librdkafka's
+    /// default of 100,000), unless the pipeline's `properties` set it.
+    pub prefetch: usize,
+}
+
+/// How long a partition with `prefetch` records ready waits before it is
+/// looked at again (`fetch.queue.backoff.ms`; librdkafka's default is a
+/// second, far longer than an applier takes to apply them).
+const PREFETCH_BACKOFF_MS: &str = "10";
+
 pub struct Consumer {
     /// Before `inner`: its wake thread holds the consumer, and is joined
     /// when this is dropped.
@@ -143,21 +159,42 @@ pub struct Consumer {
     starts: Arc<Mutex<HashMap<i32, i64>>>,
     oversized: Arc<Mutex<Option<String>>>,
     topic: String,
-    decoder: AvroDecoder<'static>,
+    registry: SrSettings,
+    plans: Mutex<Plans>,
+}
+
+/// Writer schemas compiled by registry id, for the layout's columns.
+#[derive(Default)]
+struct Plans {
+    columns: Vec<String>,
+    by_id: HashMap<u32, Arc<Plan>>,
+}
+
+impl Plans {
+    /// Drops the plans if they were compiled for other columns.
+    fn retarget(&mut self, layout: &Layout) {
+        if !self
+            .columns
+            .iter()
+            .eq(layout.columns.iter().map(|(n, _)| n))
+        {
+            self.columns = layout.columns.iter().map(|(n, _)| n.clone()).collect();
+            self.by_id.clear();
+        }
+    }
 }
 
 impl Consumer {
-    /// A member of `group` reading `topic`. With a non-zero `idle_pause`, a
-    /// partition read to its end is not fetched again for that long (see
-    /// [`super::idle`]).
+    /// A member of `group` reading `topic`, fetching as `fetching` says.
     pub fn new(
         brokers: &str,
         group: &str,
         topic: &str,
         registry_url: &str,
         passthrough: &Passthrough,
-        idle_pause: Duration,
+        fetching: Fetching,
     ) -> Result<Consumer> {
+        let idle_pause = fetching.idle_pause;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", brokers)
             .set("group.id", group)
@@ -169,6 +206,16 @@ impl Consumer {
             .set("receive.message.max.bytes", RECEIVE_MAX_BYTES)
             .set("enable.partition.eof", (!idle_pause.is_zero()).to_string())
             .set_log_level(logs::level());
+        // Without a limit librdkafka fetches until 100,000 records per
+        // partition wait to be applied; against a broker that answers at
+        // once (noida-db ignores `fetch.wait.max.ms` and `fetch.min.bytes`)
+        // that is a fetch every round trip, each bringing the few records
+        // produced since, for as long as the applier is busy: most of an
+        // applier's CPU, and the broker's.
+        if fetching.prefetch > 0 {
+            cfg.set("queued.min.messages", fetching.prefetch.to_string())
+                .set("fetch.queue.backoff.ms", PREFETCH_BACKOFF_MS);
+        }
         for (k, v) in passthrough {
             cfg.set(k, v);
         }
@@ -192,7 +239,8 @@ impl Consumer {
             starts,
             oversized,
             topic: topic.to_string(),
-            decoder: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
+            registry: SrSettings::new(registry_url.to_string()),
+            plans: Mutex::default(),
         })
     }
 
@@ -213,6 +261,9 @@ impl Consumer {
     ) -> Result<Polled> {
         let mut out = Polled::default();
         let starts: HashMap<i32, i64> = self.starts.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.retarget(layout);
+        }
         let mut deadline = tokio::time::Instant::now() + wait;
         while out.items.len() < max {
             let resume = self.idle.resume_due(&self.inner);
@@ -249,22 +300,46 @@ impl Consumer {
                 .get(&msg.partition())
                 .is_some_and(|&at| msg.offset() < at);
             if let (true, false, Some(payload)) = (ours, applied, msg.payload()) {
-                let decoded = self
-                    .decoder
-                    .decode(Some(payload))
-                    .await
-                    .map_err(|e| Error::Replication(format!("decode record: {e}")))?;
-                item.event = layout.event(&decoded.value).map_err(|e| {
+                item.event = Some(self.decode(payload, layout).await.map_err(|e| {
                     Error::Replication(format!(
                         "record at {}/{}: {e}",
                         msg.partition(),
                         msg.offset()
                     ))
-                })?;
+                })?);
             }
             out.items.push(item);
         }
         Ok(out)
+    }
+
+    /// The change event of a record's payload, through the plan of its
+    /// writer schema (fetched from the registry and compiled on first use).
+    async fn decode(
+        &self,
+        payload: &[u8],
+        layout: &Layout<'_>,
+    ) -> std::result::Result<ChangeEvent, String> {
+        let (id, datum) = decode::frame(payload)?;
+        let cached = self
+            .plans
+            .lock()
+            .ok()
+            .and_then(|p| p.by_id.get(&id).cloned());
+        let plan = match cached {
+            Some(plan) => plan,
+            None => {
+                let schema = get_schema_by_id(id, &self.registry)
+                    .await
+                    .map_err(|e| format!("writer schema {id}: {e}"))?;
+                let plan = Arc::new(Plan::new(&schema.schema, layout)?);
+                if let Ok(mut plans) = self.plans.lock() {
+                    plans.by_id.insert(id, plan.clone());
+                }
+                plan
+            }
+        };
+        plan.event(datum, layout)
     }
 
     /// A response too large for `receive.message.max.bytes` comes back as

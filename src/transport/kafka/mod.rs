@@ -25,6 +25,7 @@
 //! `kafka_chunks`, `kafka_schema`).
 
 pub mod avro;
+mod binary;
 pub mod codec;
 pub mod consumer;
 pub mod decode;

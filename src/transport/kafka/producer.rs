@@ -20,6 +20,9 @@ use std::time::Duration;
 /// of rowshift's own (`enable.idempotence`, `acks`).
 pub type Passthrough = Vec<(String, String)>;
 
+/// The producer's compression unless `properties` set `compression.type`.
+pub const DEFAULT_COMPRESSION: &str = "lz4";
+
 /// Header carrying the pipeline's incarnation (see `state::kafka::incarnation`).
 pub const INCARNATION_HEADER: &str = "rowshift.incarnation";
 
@@ -52,20 +55,36 @@ impl Pending {
     }
 }
 
+/// rowshift's producer settings on top of the pipeline's `properties`.
+fn producer_config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
+    let mut cfg = config(brokers, passthrough);
+    cfg.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("message.timeout.ms", "0");
+    // Compressed unless the pipeline chose otherwise: the note-like text
+    // columns of a table compress several times over, which the broker
+    // stores and sends the appliers as they are.
+    if !passthrough
+        .iter()
+        .any(|(k, _)| k == "compression.type" || k == "compression.codec")
+    {
+        cfg.set("compression.type", DEFAULT_COMPRESSION);
+    }
+    cfg
+}
+
 impl Producer {
     pub fn new(brokers: &str, passthrough: &Passthrough) -> Result<Producer> {
-        let mut cfg = config(brokers, passthrough);
-        cfg.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("queue.buffering.max.kbytes", "1048576")
-            .set("message.timeout.ms", "0");
-        let inner = cfg.create_with_context(Logs).map_err(|e| Error::Config {
-            reason: format!("kafka producer: {e}"),
-        })?;
+        let inner = producer_config(brokers, passthrough)
+            .create_with_context(Logs)
+            .map_err(|e| Error::Config {
+                reason: format!("kafka producer: {e}"),
+            })?;
         Ok(Producer { inner })
     }
 
@@ -195,4 +214,25 @@ fn admin(brokers: &str, passthrough: &Passthrough) -> Result<AdminClient<Logs>> 
         .map_err(|e| Error::Config {
             reason: format!("kafka admin client: {e}"),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_compressed_unless_the_pipeline_says_otherwise() {
+        let cfg = producer_config("b:9092", &Vec::new());
+        assert_eq!(cfg.get("compression.type"), Some(DEFAULT_COMPRESSION));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        let own = vec![("compression.type".to_string(), "zstd".to_string())];
+        assert_eq!(
+            producer_config("b:9092", &own).get("compression.type"),
+            Some("zstd")
+        );
+        let old_name = vec![("compression.codec".to_string(), "none".to_string())];
+        let cfg = producer_config("b:9092", &old_name);
+        assert_eq!(cfg.get("compression.type"), None);
+        assert_eq!(cfg.get("compression.codec"), Some("none"));
+    }
 }
