@@ -359,8 +359,7 @@ async fn lag(c: &Ctx<'_>, results: &mut Results) -> Result<()> {
         ..
     } = c;
     // 3. Lag under 2,000 writes/s, through kafka and (reference) direct.
-    settle(dsn, &[(&files.kafka, "rowshift_bench_kafka")], work, src).await?;
-    trim(c).await?;
+    settle_kafka(c).await?;
     let (p50, p99, max, n) = measure_lag(
         dsn,
         &files.kafka,
@@ -416,8 +415,7 @@ async fn producer_alone(c: &Ctx<'_>, results: &mut Results) -> Result<()> {
         );
         return Ok(());
     }
-    settle(dsn, &[(&files.kafka, "rowshift_bench_kafka")], work, src).await?;
-    trim(c).await?;
+    settle_kafka(c).await?;
     src.batch_execute("CREATE PUBLICATION ref_decode FOR TABLE orders")
         .await?;
     src.batch_execute("SELECT pg_create_logical_replication_slot('ref_decode', 'pgoutput')")
@@ -466,6 +464,14 @@ async fn producer_alone(c: &Ctx<'_>, results: &mut Results) -> Result<()> {
     );
 
     Ok(())
+}
+
+/// Lets the kafka pipeline apply all the source holds, then empties its
+/// topic: what the producer-alone and lag measurements start from.
+async fn settle_kafka(c: &Ctx<'_>) -> Result<()> {
+    let pipeline = [(&c.files.kafka, "rowshift_bench_kafka")];
+    settle(&c.dsn, &pipeline, c.work, &c.src).await?;
+    trim(c).await
 }
 
 /// Empties the bench topic (see [`LogEnds::trim`]; on noida-db only, as
