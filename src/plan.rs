@@ -182,7 +182,14 @@ fn render(p: &Pipeline, c: &Checked, resuming: bool) -> String {
         sql::copy_range(m, &p.source_table, &p.target_table, true, true)
     );
     let _ = writeln!(out, "6. stream (from the slot, batched, session_replication_role = replica, one transaction per batch):");
-    let _ = writeln!(out, "   upsert: {};", sql::upsert(m, &p.target_table));
+    if let Some(update) = sql::update_rows(m, &p.target_table) {
+        let _ = writeln!(out, "   update (rows the target has): {update};");
+    }
+    let _ = writeln!(
+        out,
+        "   insert (rows the target lacks): {};",
+        sql::insert_missing(m, &p.target_table)
+    );
     let _ = writeln!(out, "   delete: {};", sql::delete(m, &p.target_table));
     let _ = writeln!(
         out,

@@ -104,11 +104,16 @@ pub async fn reverse_mapping<C: GenericClient>(
         Err(list) => return Ok(Reverse::Refused(list)),
     };
     // Type-check the statement the reverse stream will run.
-    if let Err(e) = client.prepare(&sql::upsert(&mapping, old)).await {
-        return Ok(Reverse::Refused(vec![format!(
-            "the inverse mapping does not type-check: {}",
-            db_text(&e)
-        )]));
+    let statements = sql::update_rows(&mapping, old)
+        .into_iter()
+        .chain([sql::insert_missing(&mapping, old)]);
+    for text in statements {
+        if let Err(e) = client.prepare(&text).await {
+            return Ok(Reverse::Refused(vec![format!(
+                "the inverse mapping does not type-check: {}",
+                db_text(&e)
+            )]));
+        }
     }
     Ok(Reverse::Ready {
         mapping,

@@ -34,6 +34,10 @@ pub struct Segment {
     pub ops: Vec<(Key, Net)>,
     /// Apply a TRUNCATE of the target before `ops`.
     pub truncate_first: bool,
+    /// More INSERT events than UPDATE events went into this segment: its
+    /// upserts are most likely new rows. Only the order the sink tries its
+    /// two statements in depends on it, never the result.
+    pub mostly_inserts: bool,
 }
 
 impl Segment {
@@ -93,10 +97,12 @@ pub fn fold(events: Vec<ChangeEvent>, key_positions: &[usize]) -> Result<Vec<Seg
                 let key = new
                     .key(key_positions)
                     .ok_or("an INSERT without its key columns")?;
+                current.inserts += 1;
                 current.set(key, Net::Upsert(new));
             }
             Change::Delete { key } => current.set(key, Net::Delete),
             Change::Update { old_key, new } => {
+                current.updates += 1;
                 let key = new
                     .key(key_positions)
                     .ok_or("an UPDATE without its key columns")?;
@@ -137,6 +143,8 @@ struct Folder {
     index: HashMap<Key, usize>,
     ops: Vec<(Key, Net)>,
     truncate_first: bool,
+    inserts: usize,
+    updates: usize,
 }
 
 impl Folder {
@@ -178,6 +186,7 @@ impl Folder {
         Segment {
             ops: self.ops,
             truncate_first: self.truncate_first,
+            mostly_inserts: self.inserts > self.updates,
         }
     }
 }

@@ -10,5 +10,6 @@ mod kafka_pipeline;
 mod migrate;
 #[path = "../support/registry.rs"]
 mod registry;
+mod sink;
 mod support;
 mod workload;

@@ -29,7 +29,8 @@ use tokio_postgres::{Client, Statement, Transaction};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Kind {
-    Upsert,
+    UpdateRows,
+    InsertMissing,
     Delete,
     Refetch,
     Partial(Vec<usize>),
@@ -115,7 +116,9 @@ impl PgSink {
         }
         let m = &self.mapping;
         let text = match &kind {
-            Kind::Upsert => sql::upsert(m, &self.target),
+            // Only asked for when the target has non-key columns.
+            Kind::UpdateRows => sql::update_rows(m, &self.target).unwrap_or_default(),
+            Kind::InsertMissing => sql::insert_missing(m, &self.target),
             Kind::Delete => sql::delete(m, &self.target),
             Kind::Refetch => sql::refetch(m, &self.source, &self.target),
             Kind::Partial(carried) => {
@@ -229,8 +232,15 @@ impl PgSink {
             if !upserts.is_empty() {
                 let all: Vec<usize> = (0..mapping.source_columns.len()).collect();
                 let params = column_arrays(&upserts, &all);
-                applied.upserts +=
-                    exec_arrays(&tx, &stmts.upsert, &params, "apply upserts").await?;
+                write_rows(
+                    &tx,
+                    stmts,
+                    &params,
+                    upserts.len() as u64,
+                    seg.mostly_inserts,
+                )
+                .await?;
+                applied.upserts += upserts.len() as u64;
             }
             let mut to_refetch: Vec<Key> = seg.refetches().cloned().collect();
             for (carried, rows, stmt, refetch_all) in &stmts.partials {
@@ -303,8 +313,13 @@ impl PgSink {
             let stmt = self.statement(Kind::Partial(carried.clone())).await?;
             partials.push((carried, rows, stmt, refetch_all));
         }
+        let update = match sql::update_rows(&self.mapping, &self.target) {
+            Some(_) => Some(self.statement(Kind::UpdateRows).await?),
+            None => None,
+        };
         Ok(SegmentStatements {
-            upsert: self.statement(Kind::Upsert).await?,
+            update,
+            insert: self.statement(Kind::InsertMissing).await?,
             delete: self.statement(Kind::Delete).await?,
             partials,
         })
@@ -416,7 +431,9 @@ impl PgSink {
 }
 
 struct SegmentStatements<'a> {
-    upsert: Statement,
+    /// `None` when the target has only key columns.
+    update: Option<Statement>,
+    insert: Statement,
     delete: Statement,
     partials: Vec<(Vec<usize>, Vec<&'a Row>, Statement, bool)>,
 }
@@ -443,6 +460,33 @@ async fn run_checkpoint(
         return Err(Error::Stopped(
             "another rowshift process took this pipeline over (fenced); this one stops without writing".into(),
         ));
+    }
+    Ok(())
+}
+
+/// Writes whole rows (keys unique) so that every key holds its row, whatever
+/// the target had: first the statement the segment most likely needs, then
+/// the other only if the first's row count shows rows left over. An update
+/// that reached every key, or an insert that added every key, is complete;
+/// otherwise the insert adds the keys the update missed, or the update
+/// rewrites every key (rows just inserted get the same values again).
+async fn write_rows(
+    tx: &Transaction<'_>,
+    stmts: &SegmentStatements<'_>,
+    params: &[Vec<Option<&str>>],
+    rows: u64,
+    mostly_inserts: bool,
+) -> Result<()> {
+    let Some(update) = &stmts.update else {
+        exec_arrays(tx, &stmts.insert, params, "apply inserts").await?;
+        return Ok(());
+    };
+    if mostly_inserts {
+        if exec_arrays(tx, &stmts.insert, params, "apply inserts").await? < rows {
+            exec_arrays(tx, update, params, "apply updates").await?;
+        }
+    } else if exec_arrays(tx, update, params, "apply updates").await? < rows {
+        exec_arrays(tx, &stmts.insert, params, "apply inserts").await?;
     }
     Ok(())
 }

@@ -103,7 +103,12 @@ impl ParallelSink {
 
 /// Splits a segment's operations into `n` parts by key hash.
 fn split(segment: Segment, n: usize) -> Vec<Segment> {
-    let mut parts: Vec<Segment> = (0..n).map(|_| Segment::default()).collect();
+    let mut parts: Vec<Segment> = (0..n)
+        .map(|_| Segment {
+            mostly_inserts: segment.mostly_inserts,
+            ..Segment::default()
+        })
+        .collect();
     for (key, net) in segment.ops {
         let mut h = DefaultHasher::new();
         key.hash(&mut h);
@@ -126,14 +131,14 @@ mod tests {
         let a = split(
             Segment {
                 ops: ops.clone(),
-                truncate_first: false,
+                ..Segment::default()
             },
             3,
         );
         let b = split(
             Segment {
                 ops,
-                truncate_first: false,
+                ..Segment::default()
             },
             3,
         );
