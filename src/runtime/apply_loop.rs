@@ -172,6 +172,7 @@ pub async fn run(
                         partials = applied.partials,
                         refetches = applied.refetches,
                         apply_us = started.elapsed().as_micros() as u64,
+                        ack = ?batch.ack,
                         "batch applied"
                     );
                     if let Some(lsn) = batch.ack {

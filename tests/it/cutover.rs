@@ -134,9 +134,10 @@ impl Load {
 }
 
 /// Waits until the active stream applied everything written so far.
+/// (The insert position: see `wait_caught_up`.)
 pub(crate) async fn wait_applied(c: &Client, name: &str) {
     let target: String = c
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("lsn")
         .get(0);

@@ -11,5 +11,6 @@ mod migrate;
 #[path = "../support/registry.rs"]
 mod registry;
 mod sink;
+mod streamed;
 mod support;
 mod workload;

@@ -126,10 +126,12 @@ where
 }
 
 /// Waits until the pipeline has applied everything written so far: its
-/// applied position passes the source's current WAL position.
+/// applied position passes the source's current WAL insert position. (Not
+/// `pg_current_wal_lsn()`, the *write* position: the test clusters commit
+/// asynchronously, so that can still be short of the last commit.)
 pub async fn wait_caught_up(c: &Client, pipeline: &str, limit: Duration) {
     let target: String = c
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("lsn")
         .get(0);

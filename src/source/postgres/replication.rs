@@ -15,16 +15,22 @@
 //! below the heartbeat was sent before it, and one still open commits above it
 //! and will be sent again after a restart.
 //!
+//! On PostgreSQL 14 and later the walsender streams large transactions while
+//! they are in progress; the reader keeps them until they commit and passes
+//! them on whole (see [`super::streamed`]), so positions and everything
+//! downstream are the same as without streaming.
+//!
 //! Heartbeats are non-transactional logical messages
 //! (`pg_logical_emit_message(false, prefix, now)`) written once a second by
 //! the runtime. They keep the slot moving when the table is idle (other
 //! tables' WAL would otherwise pile up behind it) and measure end-to-end lag.
 
+use super::streamed::{Streams, Unstream};
 use crate::error::{Error, Result};
 use crate::model::{Cell, Change, ChangeEvent, Lsn, Row, SourceMsg};
 use pg_walstream::{
-    CancellationToken, ColumnValue, EventType, LogicalReplicationStream, ReplicationStreamConfig,
-    RowData, SharedLsnFeedback,
+    CancellationToken, ColumnValue, EventStream, EventType, LogicalReplicationStream,
+    ReplicationStreamConfig, RowData, SharedLsnFeedback, StreamingMode,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +62,10 @@ pub struct ReaderConfig {
     pub carry_added_columns: bool,
 }
 
+/// How much streamed, uncommitted change data the reader keeps in memory
+/// before it gives streaming up (see [`super::streamed`]).
+const STREAM_BUFFER_BYTES: usize = 256 << 20;
+
 /// Starts streaming from the slot's confirmed position. Returns the receiver
 /// of source messages and the acknowledgement function.
 pub async fn start(
@@ -67,58 +77,169 @@ pub async fn start(
     AckFn,
     tokio::task::JoinHandle<()>,
 )> {
+    let streaming = streams_large_transactions(&config.dsn).await?;
+    // One feedback for every connection of this reader, so an
+    // acknowledgement reaches whichever is open.
+    let feedback = Arc::new(SharedLsnFeedback::new());
+    let first = open(&config, streaming, config.start_lsn, &feedback, &cancel).await?;
+    let ack_to = feedback.clone();
+    let ack: AckFn = Arc::new(move |lsn: Lsn| ack_to.update_applied_lsn(lsn.0));
+    let (tx, rx) = mpsc::channel(capacity);
+    let handle = tokio::spawn(async move {
+        let mut decoder = Decoder::new(config.clone(), streaming);
+        let mut events = first;
+        let mut out = Vec::new();
+        loop {
+            let halt = pump(&mut events, &mut decoder, &tx, &mut out).await;
+            if let Err(e) = events.shutdown().await {
+                tracing::debug!(error = %e, "replication stream shutdown");
+            }
+            // Dropping the stream closes its connection; the walsender then
+            // exits and lets go of the slot.
+            drop(events);
+            let Some(Unstream(reason)) = halt else { break };
+            // The walsender sends every transaction committed after the last
+            // one passed on again, whole (see `streamed`).
+            tracing::info!(
+                slot = %config.slot,
+                reason = %reason,
+                "large transactions are no longer streamed while in progress; reconnecting"
+            );
+            decoder.unstream();
+            events = match reopen(&config, decoder.resume, &feedback, &cancel).await {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(SourceMsg::Failed(e.to_string())).await;
+                    break;
+                }
+            };
+        }
+    });
+    Ok((rx, ack, handle))
+}
+
+/// Whether the source can stream transactions in progress (14 and later).
+async fn streams_large_transactions(dsn: &str) -> Result<bool> {
+    let client = super::connect(dsn, "version").await?;
+    let version: String = client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .map_err(Error::db("read the server version"))?
+        .get(0);
+    Ok(version.parse::<u32>().unwrap_or(0) >= 140_000)
+}
+
+/// Connects and starts replication at `start_lsn` (or the slot's confirmed
+/// position, whichever is later).
+async fn open(
+    config: &ReaderConfig,
+    streaming: bool,
+    start_lsn: Option<Lsn>,
+    feedback: &Arc<SharedLsnFeedback>,
+    cancel: &CancellationToken,
+) -> Result<EventStream> {
+    let (protocol, mode) = if streaming {
+        (2, StreamingMode::On)
+    } else {
+        (1, StreamingMode::Off)
+    };
     let stream_config =
         ReplicationStreamConfig::builder(config.slot.clone(), config.publication.clone())
-            .with_protocol_version(1)
+            .with_protocol_version(protocol)
+            .with_streaming_mode(mode)
             .with_messages(true)
             .with_feedback_interval(Duration::from_millis(200))
             .with_connection_timeout(Duration::from_secs(15));
     // libpq connects and starts replication with blocking calls: keep them
     // off the runtime's worker (the process runs one, see main.rs).
     let dsn = super::replication_dsn(&config.dsn);
+    let feedback = feedback.clone();
     let stream = crate::blocking::run(async {
         let mut stream = LogicalReplicationStream::new(&dsn, stream_config)
             .await
             .map_err(|e| Error::Replication(format!("connect: {e}")))?;
-        stream
-            .start(config.start_lsn.map(|l| l.0))
-            .await
-            .map_err(|e| {
-                Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
-            })?;
+        stream.shared_lsn_feedback = feedback;
+        stream.start(start_lsn.map(|l| l.0)).await.map_err(|e| {
+            Error::Replication(format!("START_REPLICATION on slot {}: {e}", config.slot))
+        })?;
         Ok::<_, Error>(stream)
     })
     .await?;
-    let feedback: Arc<SharedLsnFeedback> = stream.shared_lsn_feedback.clone();
-    let ack: AckFn = Arc::new(move |lsn: Lsn| feedback.update_applied_lsn(lsn.0));
-    let (tx, rx) = mpsc::channel(capacity);
-    let mut events = stream.into_stream(cancel.clone());
-    let handle = tokio::spawn(async move {
-        let mut decoder = Decoder::new(config);
-        loop {
-            let event = match events.next_event().await {
-                Ok(e) => e,
-                Err(pg_walstream::ReplicationError::Cancelled(_)) => break,
-                Err(e) => {
-                    let _ = tx.send(SourceMsg::Failed(e.to_string())).await;
-                    break;
-                }
-            };
-            let msg = match decoder.decode(event.event_type) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(reason) => SourceMsg::Failed(reason),
-            };
-            let failed = matches!(msg, SourceMsg::Failed(_));
-            if tx.send(msg).await.is_err() || failed {
-                break;
+    // A child token: shutting this stream down cancels its token, and must
+    // not cancel the reader (which may reconnect).
+    Ok(stream.into_stream(cancel.child_token()))
+}
+
+/// Opens a connection without streaming after one was shut down: the old
+/// walsender holds the slot until it has exited, which takes a moment.
+async fn reopen(
+    config: &ReaderConfig,
+    start_lsn: Option<Lsn>,
+    feedback: &Arc<SharedLsnFeedback>,
+    cancel: &CancellationToken,
+) -> Result<EventStream> {
+    let mut attempt = 0;
+    loop {
+        match open(config, false, start_lsn, feedback, cancel).await {
+            Ok(events) => return Ok(events),
+            Err(e) if attempt < 40 && !cancel.is_cancelled() => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "replication reconnect");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decodes events and passes the messages on until the stream ends
+/// (`None`) or streaming must be given up.
+async fn pump(
+    events: &mut EventStream,
+    decoder: &mut Decoder,
+    tx: &mpsc::Sender<SourceMsg>,
+    out: &mut Vec<SourceMsg>,
+) -> Option<Unstream> {
+    loop {
+        let event = match events.next_event().await {
+            Ok(e) => e,
+            Err(pg_walstream::ReplicationError::Cancelled(_)) => return None,
+            Err(e) => {
+                let _ = tx.send(SourceMsg::Failed(e.to_string())).await;
+                return None;
+            }
+        };
+        if let Err(halt) = decoder.decode(event.event_type, out) {
+            match halt {
+                Halt::Unstream(u) => return Some(u),
+                Halt::Failed(reason) => out.push(SourceMsg::Failed(reason)),
             }
         }
-        if let Err(e) = events.shutdown().await {
-            tracing::debug!(error = %e, "replication stream shutdown");
+        for msg in out.drain(..) {
+            let failed = matches!(msg, SourceMsg::Failed(_));
+            if tx.send(msg).await.is_err() || failed {
+                return None;
+            }
         }
-    });
-    Ok((rx, ack, handle))
+    }
+}
+
+/// Why decoding stopped.
+enum Halt {
+    Failed(String),
+    Unstream(Unstream),
+}
+
+impl From<String> for Halt {
+    fn from(reason: String) -> Halt {
+        Halt::Failed(reason)
+    }
+}
+
+impl From<Unstream> for Halt {
+    fn from(u: Unstream) -> Halt {
+        Halt::Unstream(u)
+    }
 }
 
 /// Turns pgoutput events into source messages, tracking the open transaction.
@@ -129,20 +250,87 @@ struct Decoder {
     commit_lsn: Lsn,
     commit_ts_us: i64,
     xid: u32,
+    /// Transactions streamed in progress, kept until they commit.
+    streams: Streams,
+    /// Where a new connection starts: after the last commit (or heartbeat)
+    /// passed on, so nothing is passed on twice.
+    resume: Option<Lsn>,
 }
 
 impl Decoder {
-    fn new(config: ReaderConfig) -> Decoder {
+    fn new(config: ReaderConfig, streaming: bool) -> Decoder {
+        let limit = if streaming { STREAM_BUFFER_BYTES } else { 0 };
         Decoder {
             columns: config.columns.to_vec(),
+            resume: config.start_lsn,
             config,
             commit_lsn: Lsn::ZERO,
             commit_ts_us: 0,
             xid: 0,
+            streams: Streams::new(limit),
         }
     }
 
-    fn decode(&mut self, event: EventType) -> Result<Option<SourceMsg>, String> {
+    /// Before reconnecting without streaming: what was buffered will come
+    /// again, whole.
+    fn unstream(&mut self) {
+        self.streams.clear();
+    }
+
+    /// Decodes one event into `out`: nothing, one message, or (at the commit
+    /// of a streamed transaction) all of that transaction's messages.
+    fn decode(&mut self, event: EventType, out: &mut Vec<SourceMsg>) -> Result<(), Halt> {
+        match event {
+            EventType::StreamStart {
+                transaction_id,
+                first_segment,
+            } => self.streams.start(transaction_id, first_segment),
+            EventType::StreamStop => self.streams.stop(),
+            EventType::StreamCommit {
+                transaction_id,
+                commit_lsn,
+                end_lsn,
+                commit_timestamp,
+            } => {
+                self.streams.commit(
+                    transaction_id,
+                    Lsn(commit_lsn.value()),
+                    commit_timestamp.timestamp_micros(),
+                    Lsn(end_lsn.value()),
+                    out,
+                );
+                self.resume = Some(Lsn(end_lsn.value()));
+            }
+            EventType::StreamAbort {
+                transaction_id,
+                subtransaction_xid,
+                ..
+            } => self.streams.abort(transaction_id, subtransaction_xid)?,
+            event => match self.decode_one(event)? {
+                None => {}
+                // Messages of a streamed block wait for its commit; columns
+                // added apply from now on, and heartbeats are never inside.
+                Some(msg @ (SourceMsg::Change(_) | SourceMsg::Watermark(_)))
+                    if self.streams.receiving() =>
+                {
+                    self.streams.push(msg)?
+                }
+                Some(msg) => {
+                    match &msg {
+                        SourceMsg::Commit { lsn, .. } => self.resume = Some(*lsn),
+                        SourceMsg::Heartbeat { lsn, .. } => {
+                            self.resume = self.resume.max(Some(*lsn))
+                        }
+                        _ => {}
+                    }
+                    out.push(msg);
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn decode_one(&mut self, event: EventType) -> Result<Option<SourceMsg>, String> {
         let change = match event {
             EventType::Begin {
                 final_lsn,

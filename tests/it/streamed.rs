@@ -1,0 +1,160 @@
+//! Large transactions that the walsender streams while they are still in
+//! progress (`logical_decoding_work_mem` is set to its minimum, 64 kB, for
+//! the test database, so that ordinary transactions here are streamed).
+//! Only committed work may land, whole; a rollback to a savepoint inside a
+//! streamed transaction makes the reader reconnect without streaming, and
+//! nothing is lost or applied twice across that switch.
+
+use crate::support::*;
+use crate::workload::*;
+use std::time::Duration;
+
+const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
+
+async fn assert_equal(c: &tokio_postgres::Client, target: &str) {
+    if let Some(d) = diff(c, ITEMS_MAPPED, target).await {
+        panic!("target {target} differs from the mapped source:\n{d}");
+    }
+    let n: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(n > 0, "compared an empty table");
+}
+
+async fn streamed_txns(c: &tokio_postgres::Client, slot: &str) -> i64 {
+    c.query_opt(
+        "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .expect("slot stats")
+    .map(|r| r.get(0))
+    .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, 3_000, 10).await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE t_{} SET logical_decoding_work_mem = '64kB'",
+        db.tag
+    ))
+    .await
+    .expect("work mem");
+    let name = format!("stream_{}", db.tag);
+    let slot = format!("rowshift_{name}");
+    let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
+    let mut run = db.spawn_run(&items, "1");
+    wait_for("the backfill", Duration::from_secs(60), || async {
+        c.query_opt(
+            "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL",
+            &[&name],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+
+    // One large transaction of every kind of change.
+    c.batch_execute(
+        "BEGIN;
+         UPDATE items SET small = small + 1, legacy = 'x';
+         INSERT INTO items (id, small, body, price) SELECT g, 1, repeat('n', 300), g / 7.0
+           FROM generate_series(10001, 14000) g;
+         DELETE FROM items WHERE id % 10 = 3;
+         UPDATE items SET id = id + 100000 WHERE id BETWEEN 2001 AND 2100;
+         COMMIT",
+    )
+    .await
+    .expect("large transaction");
+    // One rolled back: none of it may land.
+    c.batch_execute(
+        "BEGIN;
+         UPDATE items SET small = -1;
+         INSERT INTO items (id) SELECT g FROM generate_series(20001, 24000) g;
+         ROLLBACK",
+    )
+    .await
+    .expect("rolled back transaction");
+    // Two at once, committed in the other order than they began, with small
+    // transactions committing in between.
+    let c2 = db.client().await;
+    c.batch_execute("BEGIN; UPDATE items SET body = 'first ' || id WHERE id <= 1500")
+        .await
+        .expect("first");
+    c2.batch_execute(
+        "BEGIN; UPDATE items SET body = 'second ' || id WHERE id BETWEEN 1501 AND 3000",
+    )
+    .await
+    .expect("second");
+    c.batch_execute(
+        "INSERT INTO items (id, small, body) SELECT g, 2, repeat('m', 200) FROM generate_series(30001, 33000) g",
+    )
+    .await
+    .expect("first, more");
+    let small = db.client().await;
+    for i in 0..20 {
+        small
+            .execute("UPDATE items SET small = $1 WHERE id = 10001", &[&i])
+            .await
+            .expect("small transaction");
+    }
+    c2.batch_execute("COMMIT").await.expect("commit second");
+    c.batch_execute("COMMIT").await.expect("commit first");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, &name).await;
+    assert!(
+        streamed_txns(&c, &slot).await >= 3,
+        "the walsender streamed none of the large transactions"
+    );
+
+    // A rollback to a savepoint inside a streamed transaction.
+    c.batch_execute(
+        "BEGIN;
+         UPDATE items SET small = 7 WHERE id <= 2000;
+         SAVEPOINT s;
+         UPDATE items SET small = -7;
+         INSERT INTO items (id, small) SELECT g, -7 FROM generate_series(40001, 44000) g;
+         ROLLBACK TO SAVEPOINT s;
+         UPDATE items SET legacy = 'after' WHERE id > 2000;
+         COMMIT",
+    )
+    .await
+    .expect("savepoint transaction");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, &name).await;
+    // And after the switch, one more large transaction.
+    c.batch_execute("UPDATE items SET small = small + 100")
+        .await
+        .expect("one more large transaction");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, &name).await;
+    let rolled_back: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {name} WHERE small IN (-7, 93) OR id BETWEEN 40001 AND 44000"
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rolled_back, 0, "rows of the rolled back savepoint landed");
+    let log = std::fs::read_to_string(db.dir.join("run-1.log")).unwrap_or_default();
+    assert!(
+        log.contains("no longer streamed"),
+        "the savepoint rollback was not streamed, so this test did not cover it"
+    );
+    assert!(
+        run.0.try_wait().expect("status").is_none(),
+        "rowshift exited instead of reconnecting"
+    );
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", &name]).status.success());
+}
