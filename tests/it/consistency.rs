@@ -28,24 +28,6 @@ async fn exists(c: &tokio_postgres::Client) -> bool {
         .unwrap_or(false)
 }
 
-async fn assert_equal(c: &tokio_postgres::Client, mapped: &str, target: &str) {
-    if let Some(d) = diff(c, mapped, target).await {
-        panic!("target {target} differs from the mapped source:\n{d}");
-    }
-    let a: i64 = c
-        .query_one(&format!("SELECT count(*) FROM ({mapped}) s"), &[])
-        .await
-        .expect("count")
-        .get(0);
-    let b: i64 = c
-        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(a, b, "row counts");
-    assert!(a > 0, "compared an empty table");
-}
-
 async fn torture(seed: u64) {
     let db = TestDb::new(MAIN).await;
     let c = db.client().await;
@@ -57,14 +39,11 @@ async fn torture(seed: u64) {
     let mut run_items = db.spawn_run(&items, "items");
     let mut run_pairs = db.spawn_run(&pairs, "pairs");
     // Writes run during the whole backfill and for a while after it.
-    wait_for("items backfill to finish", Duration::from_secs(120), || async {
-        exists(&c).await
-            && c.query_opt("SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL", &[&iname])
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-    })
+    wait_for(
+        "items backfill to finish",
+        Duration::from_secs(120),
+        || async { exists(&c).await && backfill_finished(&c, &iname).await },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let statements = writers.stop().await;

@@ -21,17 +21,6 @@ fn kafka_items_pipeline(name: &str, brokers: &str, registry: &str, apply_in_run:
     )
 }
 
-async fn backfill_finished(c: &tokio_postgres::Client, name: &str) -> bool {
-    c.query_opt(
-        "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL",
-        &[&name],
-    )
-    .await
-    .ok()
-    .flatten()
-    .is_some()
-}
-
 /// Waits until `rowshift run` has set up the topic's partitions.
 async fn wait_producing(c: &tokio_postgres::Client, name: &str) {
     wait_for("the pipeline to start", Duration::from_secs(60), || async {

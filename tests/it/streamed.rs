@@ -11,18 +11,6 @@ use std::time::Duration;
 
 const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
 
-async fn assert_equal(c: &tokio_postgres::Client, target: &str) {
-    if let Some(d) = diff(c, ITEMS_MAPPED, target).await {
-        panic!("target {target} differs from the mapped source:\n{d}");
-    }
-    let n: i64 = c
-        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert!(n > 0, "compared an empty table");
-}
-
 async fn streamed_txns(c: &tokio_postgres::Client, slot: &str) -> i64 {
     c.query_opt(
         "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
@@ -50,14 +38,7 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
     let mut run = db.spawn_run(&items, "1");
     wait_for("the backfill", Duration::from_secs(60), || async {
-        c.query_opt(
-            "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL",
-            &[&name],
-        )
-        .await
-        .ok()
-        .flatten()
-        .is_some()
+        backfill_finished(&c, &name).await
     })
     .await;
 
@@ -108,7 +89,7 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     c2.batch_execute("COMMIT").await.expect("commit second");
     c.batch_execute("COMMIT").await.expect("commit first");
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
-    assert_equal(&c, &name).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
     assert!(
         streamed_txns(&c, &slot).await >= 3,
         "the walsender streamed none of the large transactions"
@@ -128,13 +109,13 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     .await
     .expect("savepoint transaction");
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
-    assert_equal(&c, &name).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
     // And after the switch, one more large transaction.
     c.batch_execute("UPDATE items SET small = small + 100")
         .await
         .expect("one more large transaction");
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
-    assert_equal(&c, &name).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
     let rolled_back: i64 = c
         .query_one(
             &format!(

@@ -215,3 +215,35 @@ pub async fn assert_no_leftovers(c: &Client, target: &str) {
         .get(0);
     assert!(table.is_none(), "the table {target} was left behind");
 }
+
+/// The mapped source and the target hold the same rows (full comparison),
+/// and not none.
+pub async fn assert_equal(c: &tokio_postgres::Client, mapped: &str, target: &str) {
+    if let Some(d) = diff(c, mapped, target).await {
+        panic!("target {target} differs from the mapped source:\n{d}");
+    }
+    let a: i64 = c
+        .query_one(&format!("SELECT count(*) FROM ({mapped}) s"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    let b: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {target}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(a, b, "row counts");
+    assert!(a > 0, "compared an empty table");
+}
+
+/// The pipeline's backfill has finished.
+pub async fn backfill_finished(c: &Client, name: &str) -> bool {
+    c.query_opt(
+        "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND backfill_finished_at IS NOT NULL",
+        &[&name],
+    )
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}

@@ -313,9 +313,10 @@ impl PgSink {
             let stmt = self.statement(Kind::Partial(carried.clone())).await?;
             partials.push((carried, rows, stmt, refetch_all));
         }
-        let update = match sql::update_rows(&self.mapping, &self.target) {
-            Some(_) => Some(self.statement(Kind::UpdateRows).await?),
-            None => None,
+        let update = if sql::non_key_columns(&self.mapping).is_empty() {
+            None
+        } else {
+            Some(self.statement(Kind::UpdateRows).await?)
         };
         Ok(SegmentStatements {
             update,

@@ -22,21 +22,11 @@ use crate::transform::Mapping;
 /// `UPDATE ... FROM <batch>`: rewrites the rows the target has. `None` when
 /// the target has only key columns (nothing to update).
 pub fn update_rows(m: &Mapping, target: &TableName) -> Option<String> {
-    let all: Vec<usize> = (0..m.source_columns.len()).collect();
-    let non_key: Vec<usize> = (0..m.target_columns.len())
-        .filter(|i| !m.key_pairs.iter().any(|(t, _)| t == i))
-        .collect();
+    let non_key = non_key_columns(m);
     if non_key.is_empty() {
         return None;
     }
-    let join: Vec<String> = m
-        .key_pairs
-        .iter()
-        .map(|(t, _)| {
-            let k = quote_ident(&m.target_columns[*t].name);
-            format!("t.{k} = v.{k}")
-        })
-        .collect();
+    let all: Vec<usize> = (0..m.source_columns.len()).collect();
     let sets: Vec<String> = non_key
         .iter()
         .map(|&i| format!("{0} = v.{0}", quote_ident(&m.target_columns[i].name)))
@@ -47,21 +37,33 @@ pub fn update_rows(m: &Mapping, target: &TableName) -> Option<String> {
         sets.join(", "),
         m.select_list(),
         m.unnest_source(&all, 1),
-        join.join(" AND ")
+        target_key_match(m)
     ))
 }
 
-/// `INSERT ... WHERE NOT EXISTS`: adds the rows whose keys the target lacks.
-pub fn insert_missing(m: &Mapping, target: &TableName) -> String {
-    let all: Vec<usize> = (0..m.source_columns.len()).collect();
-    let present: Vec<String> = m
-        .key_pairs
+/// Positions of the target's non-key columns (none: [`update_rows`] has
+/// nothing to update).
+pub fn non_key_columns(m: &Mapping) -> Vec<usize> {
+    (0..m.target_columns.len())
+        .filter(|i| !m.key_pairs.iter().any(|(t, _)| t == i))
+        .collect()
+}
+
+/// `t.k = v.k AND ...` over the target's key columns.
+fn target_key_match(m: &Mapping) -> String {
+    m.key_pairs
         .iter()
         .map(|(t, _)| {
             let k = quote_ident(&m.target_columns[*t].name);
             format!("t.{k} = v.{k}")
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// `INSERT ... WHERE NOT EXISTS`: adds the rows whose keys the target lacks.
+pub fn insert_missing(m: &Mapping, target: &TableName) -> String {
+    let all: Vec<usize> = (0..m.source_columns.len()).collect();
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM (SELECT {} FROM {}) AS v \
          WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
@@ -71,7 +73,7 @@ pub fn insert_missing(m: &Mapping, target: &TableName) -> String {
         m.select_list(),
         m.unnest_source(&all, 1),
         target.quoted(),
-        present.join(" AND ")
+        target_key_match(m)
     )
 }
 
