@@ -36,7 +36,8 @@ use crate::spec::Pipeline;
 use crate::state::{self, apply_checkpoint, chunk_checkpoint, Phase, PipelineRecord};
 use crate::transport::kafka::codec::Encoder;
 use crate::transport::kafka::envelope::TableSchema;
-use crate::transport::kafka::producer::{ensure_topic, Pending, Producer};
+use crate::transport::kafka::frame::Frames;
+use crate::transport::kafka::producer::{ensure_topic, Batch, Pending, Producer};
 use crate::transport::kafka::snapshot::RecentXids;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -60,7 +61,8 @@ struct Carried {
 }
 
 struct Inflight {
-    pending: Vec<Pending>,
+    /// The batch's records (`None`: it had none).
+    pending: Option<Pending>,
     carried: Carried,
 }
 
@@ -147,34 +149,28 @@ pub async fn run(
     let mut ends = ends_now.clone();
     tokio::spawn(async move {
         while let Some(batch) = inflight_rx.recv().await {
-            let mut failed = None;
             let mut lost = Vec::new();
-            for pending in batch.pending {
-                match pending.wait(&acker_topic).await {
-                    Ok((part, offset)) => {
-                        if let Some(e) = ends.get_mut(part as usize) {
-                            // One idempotent producer: a partition's offsets
-                            // only grow, unless the broker lost its log.
-                            if offset < *e {
-                                lost.push((part, offset));
-                            }
-                            *e = offset + 1;
+            let acked = match batch.pending {
+                Some(p) => p.wait(&acker_topic).await,
+                None => Ok(Vec::new()),
+            };
+            let out = acked.map(|acked| {
+                for (part, offset) in acked {
+                    if let Some(e) = ends.get_mut(part as usize) {
+                        // One idempotent producer: a partition's offsets
+                        // only grow, unless the broker lost its log.
+                        if offset < *e {
+                            lost.push((part, offset));
                         }
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
+                        *e = offset + 1;
                     }
                 }
-            }
-            let out = match failed {
-                Some(e) => Err(e),
-                None => Ok(Acked {
+                Acked {
                     carried: batch.carried,
                     ends: ends.clone(),
                     lost,
-                }),
-            };
+                }
+            });
             if done_tx.send(out).await.is_err() {
                 break;
             }
@@ -208,6 +204,7 @@ pub async fn run(
     let mut cursor = range.cursor.clone();
     let mut recent = RecentXids::default();
     let mut marks: VecDeque<Mark> = VecDeque::new();
+    let mut frames = Frames::default();
     let mut unconfirmed: Option<Lsn> = None;
     let mut confirmed_events = 0usize;
     let mut not_before = Instant::now();
@@ -324,7 +321,7 @@ pub async fn run(
                 next = rx.next() => {
                     let batch = next?.ok_or_else(|| Error::Replication("the replication stream ended".into()))?;
                     recent.push(&batch.xids);
-                    let mut pending = Vec::new();
+                    let mut out = Out { producer: &producer, topic: &topic, incarnation: &incarnation, batch: Batch::default(), frames: std::mem::take(&mut frames) };
                     let mut carried = Carried {
                         ack: batch.ack,
                         ts_us: batch.events.last().map(|e| e.commit_ts_us).or(batch.heartbeat_us),
@@ -345,7 +342,7 @@ pub async fn run(
                         while let Some((_, id)) = marks_at.next_if(|(at, _)| *at <= i) {
                             if let Some(at) = open.iter().position(|o| &o.chunk.id == id) {
                                 let o = open.remove(at);
-                                close_chunk(o, &schema, &encoder, &producer, &topic, &incarnation, last_lsn, &mut pending, &mut carried).await?;
+                                close_chunk(o, (&schema, &encoder), last_lsn, &mut out, &mut carried).await?;
                             }
                         }
                         let Some(e) = batch.events.get(i) else { break };
@@ -353,12 +350,14 @@ pub async fn run(
                         for o in open.iter_mut() {
                             o.chunk.observe(e, &key);
                         }
-                        produce(e, false, now_ms, &schema, &encoder, &producer, &topic, &incarnation, &mut pending).await?;
+                        produce(e, false, now_ms, (&schema, &encoder), &mut out).await?;
                     }
                     if let Some(l) = batch_lag(&batch) {
                         progress.stream(batch.events.len(), Some(l));
                     }
-                    if !pending.is_empty() || carried.ack.is_some() || carried.chunk.is_some() || carried.repair.is_some() {
+                    frames = out.frames;
+                    let pending = producer.close(out.batch);
+                    if pending.is_some() || carried.ack.is_some() || carried.chunk.is_some() || carried.repair.is_some() {
                         inflight_tx
                             .send(Inflight { pending, carried })
                             .await
@@ -468,18 +467,23 @@ async fn passed_marks(
     Ok(newest)
 }
 
+/// Where a batch's records go: the producer and its topic, the batch being
+/// filled, and the buffers an event's records are written into.
+struct Out<'a> {
+    producer: &'a Producer,
+    topic: &'a str,
+    incarnation: &'a str,
+    batch: Batch,
+    frames: Frames,
+}
+
 /// Encodes one event and queues its records.
-#[allow(clippy::too_many_arguments)]
 async fn produce(
     e: &ChangeEvent,
     snapshot: bool,
     now_ms: i64,
-    schema: &TableSchema,
-    encoder: &Encoder,
-    producer: &Producer,
-    topic: &str,
-    incarnation: &str,
-    pending: &mut Vec<Pending>,
+    (schema, encoder): (&TableSchema, &Encoder),
+    out: &mut Out<'_>,
 ) -> Result<()> {
     if matches!(e.change, Change::Truncate) {
         return Err(Error::Replication(format!(
@@ -488,27 +492,26 @@ async fn produce(
             schema.table, schema.name
         )));
     }
-    let records = schema.records(e, snapshot, now_ms).map_err(|r| {
-        Error::Replication(format!("cannot encode a change of {}: {r}", schema.table))
-    })?;
-    for r in records {
-        let (k, v) = encoder.encode(&r).await?;
-        pending.push(producer.queue(topic, &k, v.as_deref(), incarnation).await?);
+    let ids = encoder.ids().await?;
+    schema
+        .write_records(e, snapshot, now_ms, ids, &mut out.frames)
+        .map_err(|r| {
+            Error::Replication(format!("cannot encode a change of {}: {r}", schema.table))
+        })?;
+    for (k, v) in out.frames.iter() {
+        out.producer
+            .queue(&mut out.batch, out.topic, k, v, out.incarnation)
+            .await?;
     }
     Ok(())
 }
 
 /// Produces a chunk's remaining rows (op `r`) and deletes at its watermark.
-#[allow(clippy::too_many_arguments)]
 async fn close_chunk(
     o: Open,
-    schema: &TableSchema,
-    encoder: &Encoder,
-    producer: &Producer,
-    topic: &str,
-    incarnation: &str,
+    codec: (&TableSchema, &Encoder),
     lsn: Lsn,
-    pending: &mut Vec<Pending>,
+    out: &mut Out<'_>,
     carried: &mut Carried,
 ) -> Result<()> {
     let now = now_us();
@@ -521,18 +524,7 @@ async fn close_chunk(
             commit_lsn: lsn,
             commit_ts_us: now,
         };
-        produce(
-            &e,
-            true,
-            now / 1000,
-            schema,
-            encoder,
-            producer,
-            topic,
-            incarnation,
-            pending,
-        )
-        .await?;
+        produce(&e, true, now / 1000, codec, out).await?;
     }
     let deleted = deletes.len();
     for key in deletes {
@@ -541,18 +533,7 @@ async fn close_chunk(
             commit_lsn: lsn,
             commit_ts_us: now,
         };
-        produce(
-            &e,
-            false,
-            now / 1000,
-            schema,
-            encoder,
-            producer,
-            topic,
-            incarnation,
-            pending,
-        )
-        .await?;
+        produce(&e, false, now / 1000, codec, out).await?;
     }
     match o.repair {
         Some(id) => carried.repair = Some((id, n, deleted, if done { None } else { cursor })),

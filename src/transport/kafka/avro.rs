@@ -19,6 +19,7 @@
 //! one-dimensional arrays of these → array. Anything else is refused when
 //! the pipeline is planned.
 
+use super::wire;
 use apache_avro::types::Value;
 use serde_json::{json, Value as Json};
 
@@ -104,6 +105,33 @@ impl AvroType {
             AvroType::TimeMicros => json!({"type": "long", "logicalType": "time-micros"}),
             AvroType::Array(t) => json!({"type": "array", "items": ["null", t.schema()]}),
         }
+    }
+
+    /// Appends the Avro binary encoding of PostgreSQL's text output of a
+    /// value: the bytes [`Self::value`] then [`super::wire::encode`] give,
+    /// without building the value for the common scalar types.
+    pub fn write(&self, text: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        let bad = |what: &str| format!("cannot read {text:?} as {what}");
+        match self {
+            AvroType::Int => {
+                let i: i32 = text.parse().map_err(|_| bad("an integer"))?;
+                wire::long(i64::from(i), out);
+            }
+            AvroType::Long => wire::long(text.parse().map_err(|_| bad("a bigint"))?, out),
+            AvroType::Boolean => out.push(u8::from(text == "t" || text == "true")),
+            AvroType::String | AvroType::Json => wire::bytes(text.as_bytes(), out),
+            AvroType::Decimal { scale, .. } => wire::bytes(&decimal_bytes(text, *scale)?, out),
+            AvroType::TimestampMicros => wire::long(timestamp_micros(text, true)?, out),
+            AvroType::LocalTimestampMicros => wire::long(timestamp_micros(text, false)?, out),
+            AvroType::Date => wire::long(i64::from(date_days(text)?), out),
+            AvroType::TimeMicros => wire::long(time_micros(text)?, out),
+            AvroType::Float
+            | AvroType::Double
+            | AvroType::Uuid
+            | AvroType::Bytes
+            | AvroType::Array(_) => wire::encode(&self.value(text)?, out)?,
+        }
+        Ok(())
     }
 
     /// Converts PostgreSQL's text output of a value into an Avro value.

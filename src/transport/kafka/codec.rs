@@ -1,9 +1,12 @@
 //! Encoding records in the Confluent wire format (magic byte 0, 4-byte
 //! schema id, Avro datum). `schema_registry_converter` registers the key and
 //! value schemas of a table under `<topic>-key` and `<topic>-value` on first
-//! use and gives their ids; the datum is written by [`super::wire`].
+//! use and gives their ids. The producer writes its records with
+//! [`super::frame`]; [`Encoder::encode`] frames a [`Record`] built as
+//! values, written by [`super::wire`] (tools and tests use it).
 
 use super::envelope::{Record, TableSchema};
+use super::frame::Ids;
 use super::wire;
 use crate::error::{Error, Result};
 use apache_avro::types::Value;
@@ -72,6 +75,15 @@ impl Encoder {
         })
         .await
         .copied()
+    }
+
+    /// The ids the key and value schemas are registered under (registering
+    /// them on first use).
+    pub async fn ids(&self) -> Result<Ids> {
+        Ok(Ids {
+            key: self.id(&self.key_id, &self.key).await?,
+            value: self.id(&self.value_id, &self.value).await?,
+        })
     }
 
     /// Key bytes and value bytes (`None`: a tombstone).

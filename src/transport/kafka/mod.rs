@@ -9,9 +9,12 @@
 //!   by a tombstone; unchanged TOAST columns are listed in `unavailable`);
 //! - [`codec`]: Confluent wire-format encoding through
 //!   `schema_registry_converter` (schemas registered under `<topic>-key` and
-//!   `<topic>-value`), the datum written by [`wire`];
-//! - [`producer`]: idempotent, `acks=all`; each send's acknowledgement is
-//!   awaited in stream order before the slot is confirmed past it;
+//!   `<topic>-value`); [`frame`] writes the producer's records straight
+//!   into framed bytes, the same bytes [`wire`] writes for the values
+//!   [`envelope`] builds;
+//! - [`producer`]: idempotent, `acks=all`; acknowledgements are counted per
+//!   batch ([`delivery`]), and each batch is awaited in stream order before
+//!   the slot is confirmed past it;
 //! - [`snapshot`]: the DBLog-style backfill chunks and why they are correct;
 //! - [`decode`] and [`consumer`]: a consumer-group member that turns records
 //!   back into change events, starts newly assigned partitions at the stored
@@ -29,7 +32,9 @@ mod binary;
 pub mod codec;
 pub mod consumer;
 pub mod decode;
+mod delivery;
 pub mod envelope;
+pub mod frame;
 mod idle;
 pub mod logs;
 pub mod producer;

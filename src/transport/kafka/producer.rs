@@ -6,14 +6,20 @@
 //! `murmur2_random`, the Java client's partitioner, so other producers and
 //! tools agree on which partition a key lives in, and one key's changes stay
 //! in one partition, in order.
+//!
+//! Acknowledgements are counted per batch of records
+//! ([`super::delivery`]): the caller queues a batch's records, closes it,
+//! and awaits the batch as a whole.
 
+use super::delivery::Deliveries;
 use super::logs::Logs;
 use crate::error::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Settings passed to librdkafka as they are (SASL/TLS and the like), on top
@@ -27,7 +33,7 @@ pub const DEFAULT_COMPRESSION: &str = "lz4";
 pub const INCARNATION_HEADER: &str = "rowshift.incarnation";
 
 pub struct Producer {
-    inner: FutureProducer<Logs>,
+    inner: ThreadedProducer<Deliveries>,
 }
 
 fn config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
@@ -40,18 +46,28 @@ fn config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
     cfg
 }
 
-/// An acknowledgement still to come: `(partition, offset)` when it does.
-pub struct Pending(DeliveryFuture);
+/// Records being queued to be acknowledged together (see
+/// [`super::delivery`]); registered with the producer at its first record.
+#[derive(Debug, Default)]
+pub struct Batch {
+    n: Option<u64>,
+    queued: usize,
+}
+
+/// A closed batch's acknowledgements, still to come.
+pub struct Pending {
+    n: u64,
+    deliveries: Arc<Deliveries>,
+}
 
 impl Pending {
-    pub async fn wait(self, topic: &str) -> Result<(i32, i64)> {
-        match self.0.await {
-            Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((e, _))) => Err(Error::Replication(format!("kafka produce to {topic}: {e}"))),
-            Err(_) => Err(Error::Replication(format!(
-                "kafka produce to {topic}: the producer stopped"
-            ))),
-        }
+    /// Each record's `(partition, offset)`, in the order the broker
+    /// acknowledged them (per partition, the order they were queued).
+    pub async fn wait(self, topic: &str) -> Result<Vec<(i32, i64)>> {
+        self.deliveries
+            .wait(self.n)
+            .await
+            .map_err(|e| Error::Replication(format!("kafka produce to {topic}: {e}")))
     }
 }
 
@@ -81,36 +97,49 @@ fn producer_config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
 impl Producer {
     pub fn new(brokers: &str, passthrough: &Passthrough) -> Result<Producer> {
         let inner = producer_config(brokers, passthrough)
-            .create_with_context(Logs)
+            .create_with_context(Deliveries::default())
             .map_err(|e| Error::Config {
                 reason: format!("kafka producer: {e}"),
             })?;
         Ok(Producer { inner })
     }
 
-    /// Queues one record (waiting while librdkafka's queue is full) and
-    /// returns its acknowledgement to await. Records queued in order are
-    /// written in order per partition (idempotent producer).
+    /// Ends `batch`: its acknowledgements to await (`None`: it is empty).
+    pub fn close(&self, batch: Batch) -> Option<Pending> {
+        let n = batch.n?;
+        let deliveries = self.inner.context().clone();
+        deliveries.close(n, batch.queued);
+        Some(Pending { n, deliveries })
+    }
+
+    /// Queues one record into `batch` (waiting while librdkafka's queue is
+    /// full). Records queued in order are written in order per partition
+    /// (idempotent producer).
     pub async fn queue(
         &self,
+        batch: &mut Batch,
         topic: &str,
         key: &[u8],
         value: Option<&[u8]>,
         incarnation: &str,
-    ) -> Result<Pending> {
+    ) -> Result<()> {
+        let n = *batch.n.get_or_insert_with(|| self.inner.context().open());
         loop {
-            let headers = OwnedHeaders::new().insert(Header {
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
                 key: INCARNATION_HEADER,
                 value: Some(incarnation.as_bytes()),
             });
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, n as usize)
                 .key(key)
                 .headers(headers);
             if let Some(v) = value {
                 record = record.payload(v);
             }
-            match self.inner.send_result(record) {
-                Ok(f) => return Ok(Pending(f)),
+            match self.inner.send(record) {
+                Ok(()) => {
+                    batch.queued += 1;
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -124,7 +153,15 @@ impl Producer {
     /// Sends one record and waits for the broker's acknowledgement; returns
     /// (partition, offset).
     pub async fn send(&self, topic: &str, key: &[u8], value: Option<&[u8]>) -> Result<(i32, i64)> {
-        self.queue(topic, key, value, "").await?.wait(topic).await
+        let mut batch = Batch::default();
+        self.queue(&mut batch, topic, key, value, "").await?;
+        let acked = match self.close(batch) {
+            Some(p) => p.wait(topic).await?,
+            None => Vec::new(),
+        };
+        acked.first().copied().ok_or_else(|| {
+            Error::Replication(format!("kafka produce to {topic}: no acknowledgement"))
+        })
     }
 
     /// The topic's partition count (asks the broker).

@@ -55,13 +55,13 @@ pub fn encode(value: &Value, out: &mut Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
-fn bytes(b: &[u8], out: &mut Vec<u8>) {
+pub fn bytes(b: &[u8], out: &mut Vec<u8>) {
     long(b.len() as i64, out);
     out.extend_from_slice(b);
 }
 
 /// Zig-zag, then a base-128 varint.
-fn long(i: i64, out: &mut Vec<u8>) {
+pub fn long(i: i64, out: &mut Vec<u8>) {
     let mut z = ((i << 1) ^ (i >> 63)) as u64;
     while z >= 0x80 {
         out.push((z as u8) | 0x80);
@@ -76,6 +76,7 @@ mod tests {
     use crate::model::{Cell, Change, ChangeEvent, Key, Lsn, Row};
     use crate::spec::TableName;
     use crate::transport::kafka::envelope::{ColumnType, TableSchema};
+    use crate::transport::kafka::frame::{Frames, Ids};
     use apache_avro::{to_avro_datum, Schema};
 
     fn same_as_apache(schema: &Schema, value: &Value) {
@@ -181,15 +182,40 @@ mod tests {
             },
         ];
         let mut seen = 0;
+        let mut frames = Frames::default();
+        let ids = Ids {
+            key: 7,
+            value: 0x0102_0304,
+        };
+        let framed = |id: u32, v: &Value| {
+            let mut out = vec![0];
+            out.extend_from_slice(&id.to_be_bytes());
+            encode(v, &mut out).expect("encodes");
+            out
+        };
         for change in changes {
-            for r in schema.records(&event(change), false, 7).expect("records") {
-                same_as_apache(&key_schema, &r.key);
-                if let Some(v) = &r.value {
-                    same_as_apache(&value_schema, v);
-                    seen += 1;
+            for snapshot in [false, true] {
+                let e = event(change.clone());
+                let records = schema.records(&e, snapshot, 7).expect("records");
+                for r in &records {
+                    same_as_apache(&key_schema, &r.key);
+                    if let Some(v) = &r.value {
+                        same_as_apache(&value_schema, v);
+                        seen += 1;
+                    }
+                }
+                // The producer's direct writer gives the same framed bytes.
+                schema
+                    .write_records(&e, snapshot, 7, ids, &mut frames)
+                    .expect("writes");
+                assert_eq!(frames.len(), records.len(), "{e:?}");
+                for ((k, v), r) in frames.iter().zip(&records) {
+                    assert_eq!(k, framed(ids.key, &r.key), "key of {e:?}");
+                    let want = r.value.as_ref().map(|v| framed(ids.value, v));
+                    assert_eq!(v.map(<[u8]>::to_vec), want, "value of {e:?}");
                 }
             }
         }
-        assert!(seen >= 6, "too few value records: {seen}");
+        assert!(seen >= 12, "too few value records: {seen}");
     }
 }
