@@ -79,11 +79,23 @@ impl Segment {
     }
 }
 
+/// The most keys [`fold`] makes room for before it sees them.
+const PRESIZE_LIMIT: usize = 16_384;
+
 /// Folds events (in commit order) into segments.
 /// Takes the events by value: rows move into the result instead of being copied.
 pub fn fold(events: Vec<ChangeEvent>, key_positions: &[usize]) -> Result<Vec<Segment>, String> {
     let mut segments = Vec::new();
-    let mut current = Folder::default();
+    // Sized for the batch up front (up to a bound: a large transaction
+    // may touch few keys many times): growing the index step by step
+    // rehashed it, into fresh pages the kernel had to clear, several times
+    // per batch.
+    let room = events.len().min(PRESIZE_LIMIT);
+    let mut current = Folder {
+        index: HashMap::with_capacity(room),
+        ops: Vec::with_capacity(room),
+        ..Folder::default()
+    };
     for event in events {
         match event.change {
             Change::Truncate => {
