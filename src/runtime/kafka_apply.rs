@@ -21,6 +21,19 @@
 //! partition, the offset from which its consumer has read without a gap
 //! ([`Reach`]), and seeks back to the stored position when that lies
 //! higher, or when the position's rewind count changed since.
+//!
+//! # The poll ahead
+//! While the target writes one poll's records, the consumer polls the next
+//! ones (decoding them is most of this process's work), so the two overlap.
+//! That poll is screened and applied exactly as if it had been made after:
+//! [`Reach`] sees the polls in the order the consumer returned them, and
+//! sees each one only when it is about to be applied. Its starts may be
+//! older than the positions the write moved forward, which only means more
+//! records are decoded and then skipped as applied; a rewind moves a
+//! position back only with a new rewind count, which makes the partition be
+//! read again. When a partition is sought back, whatever the poll ahead
+//! holds of it is dropped with the rest of the partition's records, since
+//! the consumer returns them again from the stored position.
 
 use super::Exit;
 use crate::error::{Error, Result};
@@ -91,6 +104,8 @@ pub async fn run(
     let mut reach = Reach::default();
     let mut last_check: Option<Instant> = None;
     let mut forward = true;
+    // The next poll, made while the previous one was being applied.
+    let mut ahead: Option<Polled> = None;
     tracing::info!(pipeline = %p.name, topic = %p.kafka_topic(), group = %p.kafka_group(), "applying from kafka");
     loop {
         if last_check.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
@@ -112,14 +127,20 @@ pub async fn run(
         // the poll against these same positions before `apply` reloads
         // them, so a rewind that lowers one makes the partition be read
         // again (its undecoded records dropped), never applied as empty.
-        consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
         let polling = Instant::now();
-        let mut polled = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,
+        let mut polled = match ahead.take() {
+            Some(polled) => polled,
+            None => {
+                consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => r?,
+                }
+            }
         };
         reach.assigned(&consumer.take_assigned());
         reach.read(&polled);
+        let mut first_attempt = true;
         loop {
             for (part, at) in reach.behind(&polled, &positions) {
                 tracing::info!(pipeline = %p.name, partition = part, offset = at, "reading the partition again from its stored position");
@@ -127,12 +148,38 @@ pub async fn run(
                 reach.sought(part, at, positions.get(&part).map_or(0, |p| p.rewinds));
                 polled.items.retain(|i| i.partition != part);
                 polled.next.retain(|(_, q), _| *q != part);
+                // The consumer reads the partition again from `at`: what the
+                // poll ahead holds of it comes again.
+                if let Some(a) = ahead.as_mut() {
+                    a.items.retain(|i| i.partition != part);
+                    a.next.retain(|(_, q), _| *q != part);
+                }
             }
             if polled.items.is_empty() {
                 break;
             }
             let applying = Instant::now();
-            if apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach).await? {
+            // The first attempt polls the next records while the target
+            // writes these (see the module docs, "The poll ahead").
+            let applied = if std::mem::take(&mut first_attempt) {
+                consumer.set_starts(positions.iter().map(|(part, p)| (*part, p.next)));
+                let (applied, next) = tokio::join!(
+                    apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach),
+                    async {
+                        tokio::select! {
+                            _ = cancel.cancelled() => None,
+                            r = consumer.poll(&layout, p.transport.batch_events, Duration::from_millis(200), Some(&incarnation)) => Some(r),
+                        }
+                    }
+                );
+                if let Some(next) = next {
+                    ahead = Some(next?);
+                }
+                applied?
+            } else {
+                apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach).await?
+            };
+            if applied {
                 consumer.commit(&polled.next, false)?;
                 tracing::debug!(
                     pipeline = %p.name,
@@ -143,6 +190,9 @@ pub async fn run(
                 );
                 break;
             }
+        }
+        if cancel.is_cancelled() {
+            return Ok(());
         }
     }
 }
