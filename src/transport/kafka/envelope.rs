@@ -144,16 +144,26 @@ impl TableSchema {
         })
     }
 
-    fn key_value(&self, key: &Key) -> Result<Value, String> {
-        let mut fields = Vec::new();
-        for (i, &pos) in self.key.iter().enumerate() {
+    /// Each key column's name, type and value in `key` (none may be NULL).
+    pub(super) fn key_texts<'a>(
+        &'a self,
+        key: &'a Key,
+    ) -> impl Iterator<Item = Result<(&'a str, &'a AvroType, &'a str), String>> + 'a {
+        self.key.iter().enumerate().map(move |(i, &pos)| {
             let (name, t) = &self.columns[pos];
-            let text = key
-                .0
+            key.0
                 .get(i)
                 .and_then(|v| v.as_deref())
-                .ok_or_else(|| format!("key column {name} is NULL"))?;
-            fields.push((name.clone(), t.value(text)?));
+                .map(|text| (name.as_str(), t, text))
+                .ok_or_else(|| format!("key column {name} is NULL"))
+        })
+    }
+
+    fn key_value(&self, key: &Key) -> Result<Value, String> {
+        let mut fields = Vec::new();
+        for k in self.key_texts(key) {
+            let (name, t, text) = k?;
+            fields.push((name.to_string(), t.value(text)?));
         }
         Ok(Value::Record(fields))
     }

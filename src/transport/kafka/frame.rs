@@ -165,13 +165,8 @@ impl TableSchema {
 
     fn write_key(&self, key: &Key, id: u32, out: &mut Frames) -> Result<Range<usize>, String> {
         let at = out.start(id);
-        for (i, &pos) in self.key.iter().enumerate() {
-            let (name, t) = &self.columns[pos];
-            let text = key
-                .0
-                .get(i)
-                .and_then(|v| v.as_deref())
-                .ok_or_else(|| format!("key column {name} is NULL"))?;
+        for k in self.key_texts(key) {
+            let (_, t, text) = k?;
             t.write(text, &mut out.buf)?;
         }
         Ok(at..out.buf.len())
