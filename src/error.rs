@@ -35,6 +35,14 @@ pub enum Error {
     Migrate(String),
 }
 
+impl Error {
+    /// A statement gave up waiting for a lock (`lock_timeout`).
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, Error::Db { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+    }
+}
+
 /// PostgreSQL's own message (and detail) rather than tokio-postgres' "db error".
 pub fn db_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

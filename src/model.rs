@@ -139,11 +139,35 @@ pub struct Batch {
     pub watermarks: Vec<(usize, String)>,
     /// Transaction ids of the transactions that committed in this batch.
     pub xids: Vec<u32>,
+    /// Set when `events` belong to a transaction still in progress on the
+    /// source (see [`SourceMsg::Streamed`]): nothing of such a batch may
+    /// become visible before the transaction's end says it committed.
+    pub early: Option<Early>,
+}
+
+/// A batch of a transaction passed on before its commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Early {
+    pub xid: u32,
+    /// How the transaction ended, if it did with this batch.
+    pub end: Option<EarlyEnd>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyEnd {
+    /// Committed: `lsn` is the end of its commit record.
+    Commit { lsn: Lsn, ts_us: i64 },
+    /// Rolled back, or abandoned by the reader (it reconnects, and the
+    /// transaction comes again, whole, if it commits).
+    Abort,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.ack.is_none() && self.heartbeat_us.is_none()
+        self.events.is_empty()
+            && self.ack.is_none()
+            && self.heartbeat_us.is_none()
+            && self.early.is_none()
     }
 }
 
@@ -165,6 +189,19 @@ pub enum SourceMsg {
     Heartbeat {
         lsn: Lsn,
         emitted_us: i64,
+    },
+    /// A change of transaction `xid`, passed on while the transaction is
+    /// still in progress (its event carries no commit position yet). Only a
+    /// reader asked to do so sends these (`ReaderConfig::early`), and for
+    /// one transaction at a time.
+    Streamed {
+        xid: u32,
+        event: ChangeEvent,
+    },
+    /// The end of a transaction whose changes came as [`SourceMsg::Streamed`].
+    StreamEnd {
+        xid: u32,
+        end: EarlyEnd,
     },
     Failed(String),
 }

@@ -2,13 +2,15 @@
 //! batches, runs backfill rounds (the sequencing the backfill's correctness
 //! argument relies on), polls the operator's wishes, and reports progress.
 
+use super::early::{EarlyApply, Outcome};
 use super::progress::Progress;
 use super::{Exit, RunOptions};
 use crate::backfill::throttle::Throttler;
 use crate::backfill::Backfill;
 use crate::error::{Error, Result};
-use crate::model::{now_us, Batch, Checkpoint, Key, Lsn};
+use crate::model::{now_us, Batch, Checkpoint, Early, EarlyEnd, Key, Lsn};
 use crate::sink::postgres::parallel::ParallelSink;
+use crate::sink::postgres::tentative::Tentative;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::source::postgres::replication::{self, AckFn, ReaderConfig};
@@ -16,6 +18,7 @@ use crate::spec::{Pipeline, TableName};
 use crate::state::{self, apply_checkpoint, fence_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
 use crate::transport::direct;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -78,7 +81,22 @@ pub async fn run(
     let stop = cancel.child_token();
     let _stop_guard = stop.clone().drop_guard();
 
-    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone()).await?;
+    // Large transactions are applied while in progress on the forward
+    // stream, once the backfill is done (see `early`).
+    let mut early = (!stream.reverse).then(|| {
+        EarlyApply::new(
+            Tentative::new(
+                dsn,
+                mapping.clone(),
+                stream.source.clone(),
+                stream.target.clone(),
+                apply_workers,
+            ),
+            mapping.source_key.clone(),
+        )
+    });
+    let allow = early.as_ref().map(|e| e.allow.clone());
+    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone(), allow).await?;
 
     let mut sinks = Vec::new();
     for _ in 0..apply_workers.max(1) {
@@ -116,6 +134,9 @@ pub async fn run(
     // in-process retry can start streaming from it again.
     let result: Result<Exit> = async {
         loop {
+            if let (true, Some(e)) = (backfill.finished(), &early) {
+                e.allow();
+            }
             if !backfill.finished() && !paused {
                 throttled = throttler.check(&control).await?;
                 if throttled.is_none() && backfill.due() {
@@ -160,35 +181,60 @@ pub async fn run(
                         lag_ms = Some(l);
                     }
                     let events = batch.events.len();
-                    let checkpoint = apply_checkpoint(
-                        &p.name,
-                        epoch, stream.reverse, batch.ack, events, lag_ms);
-                    let started = Instant::now();
-                    let applied = sink.apply(std::mem::take(&mut batch.events), &fence, &checkpoint).await?;
-                    tracing::debug!(
-                        events,
-                        upserts = applied.upserts,
-                        deletes = applied.deletes,
-                        partials = applied.partials,
-                        refetches = applied.refetches,
-                        apply_us = started.elapsed().as_micros() as u64,
-                        ack = ?batch.ack,
-                        "batch applied"
-                    );
-                    if let Some(lsn) = batch.ack {
-                        ack(lsn);
-                    }
-                    progress.stream(events, lag_ms);
-                    let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
-                    if passed_done {
-                        if !caught_up {
-                            caught_up = true;
-                            state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
-                            tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                    match (early.as_mut(), &batch.early) {
+                        (Some(e), Some(_)) => {
+                            let ack_at = batch.ack;
+                            let checkpoint = |n| apply_checkpoint(&p.name, epoch, stream.reverse, ack_at, n, lag_ms);
+                            if let Outcome::Committed { ack: lsn, .. } = e.batch(batch, &mut sink, &fence, checkpoint).await? {
+                                ack(lsn);
+                            }
+                            progress.stream(events, lag_ms);
                         }
-                        if opts.exit_when_caught_up {
-                            progress.finish();
-                            return Ok(Exit::Done);
+                        (None, Some(_)) => {
+                            return Err(Error::State("changes of a transaction in progress reached a stream that cannot hold them".into()));
+                        }
+                        (_, None) => {
+                        let checkpoint = apply_checkpoint(
+                            &p.name,
+                            epoch, stream.reverse, batch.ack, events, lag_ms);
+                        let started = Instant::now();
+                        let events_now = std::mem::take(&mut batch.events);
+                        // While an early transaction holds rows, a lock timeout
+                        // gives it up and the batch is applied again (see `early`).
+                        let again = early.as_ref().is_some_and(EarlyApply::holds_rows).then(|| events_now.clone());
+                        let applied = match (sink.apply(events_now, &fence, &checkpoint).await, again, early.as_mut()) {
+                            (Err(e), Some(events_again), Some(ea)) if e.is_lock_timeout() => {
+                                ea.give_up(&mut sink, "an ordinary write waited on it").await?;
+                                sink.apply(events_again, &fence, &checkpoint).await?
+                            }
+                            (result, _, _) => result?,
+                        };
+                        tracing::debug!(
+                            events,
+                            upserts = applied.upserts,
+                            deletes = applied.deletes,
+                            partials = applied.partials,
+                            refetches = applied.refetches,
+                            apply_us = started.elapsed().as_micros() as u64,
+                            ack = ?batch.ack,
+                            "batch applied"
+                        );
+                        if let Some(lsn) = batch.ack {
+                            ack(lsn);
+                        }
+                        progress.stream(events, lag_ms);
+                        let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
+                        if passed_done {
+                            if !caught_up {
+                                caught_up = true;
+                                state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
+                                tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                            }
+                            if opts.exit_when_caught_up {
+                                progress.finish();
+                                return Ok(Exit::Done);
+                            }
+                        }
                         }
                     }
                 }
@@ -196,7 +242,9 @@ pub async fn run(
             }
             if last_control.elapsed() >= Duration::from_millis(500) {
                 last_control = Instant::now();
-                if !stream.reverse {
+                // Repairs read the source, which does not show an early
+                // transaction: they wait until it has ended.
+                if !stream.reverse && !early.as_ref().is_some_and(EarlyApply::holds_rows) {
                     run_repairs(p, dsn, &control, &mapping, epoch, &mut repair_sink).await?;
                 }
                 let (exit, note) =
@@ -238,6 +286,7 @@ pub(super) async fn start_source(
     dsn: &str,
     stream: &Stream,
     stop: CancellationToken,
+    early: Option<Arc<AtomicBool>>,
 ) -> Result<(direct::Receiver, AckFn, tokio::task::JoinHandle<()>)> {
     spawn_heartbeat(dsn, heartbeat_prefix(&p.name), stop.clone()).await?;
     let mapping = &stream.mapping;
@@ -259,6 +308,7 @@ pub(super) async fn start_source(
         // The kafka topic is the source's change stream, for other
         // consumers too: it follows columns added to the source.
         carry_added_columns: p.transport.kafka.is_some() && !stream.reverse,
+        early,
     };
     let t = &p.transport;
     let capacity = t.batch_events.saturating_mul(t.queue_batches).max(1);
@@ -376,11 +426,19 @@ async fn run_repairs(
 
 /// End-to-end lag of a batch: from the source commit (or heartbeat) to now.
 pub(super) fn batch_lag(batch: &Batch) -> Option<i64> {
-    let from = batch
-        .events
-        .last()
-        .map(|e| e.commit_ts_us)
-        .or(batch.heartbeat_us)?;
+    let from = match &batch.early {
+        Some(Early {
+            end: Some(EarlyEnd::Commit { ts_us, .. }),
+            ..
+        }) => *ts_us,
+        // Its changes carry no commit time yet.
+        Some(_) => return None,
+        None => batch
+            .events
+            .last()
+            .map(|e| e.commit_ts_us)
+            .or(batch.heartbeat_us)?,
+    };
     Some(((now_us() - from) / 1000).max(0))
 }
 

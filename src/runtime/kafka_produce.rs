@@ -137,7 +137,7 @@ pub async fn run(
         None
     };
 
-    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone()).await?;
+    let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone(), None).await?;
 
     // The acker: awaits acknowledgements in order. It starts from the ends
     // recorded before the slot was last confirmed, so everything the slot

@@ -12,6 +12,7 @@
 
 mod apply_loop;
 pub mod control;
+pub mod early;
 pub mod kafka_apply;
 mod kafka_chunks;
 mod kafka_produce;

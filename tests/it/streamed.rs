@@ -4,6 +4,12 @@
 //! Only committed work may land, whole; a rollback to a savepoint inside a
 //! streamed transaction makes the reader reconnect without streaming, and
 //! nothing is lost or applied twice across that switch.
+//!
+//! Once the backfill is done, one streamed transaction at a time is applied
+//! while in progress, into target transactions held open until its commit
+//! (`runtime::early`): the test checks that both that path and its fallback
+//! (applying at the commit) ran, and kills rowshift while such a
+//! transaction is open.
 
 use crate::support::*;
 use crate::workload::*;
@@ -132,9 +138,144 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
         log.contains("no longer streamed"),
         "the savepoint rollback was not streamed, so this test did not cover it"
     );
+    for (line, what) in [
+        (
+            "large transaction applied while in progress",
+            "applied early",
+        ),
+        (
+            "large transaction applied at its commit",
+            "given up and applied at its commit",
+        ),
+    ] {
+        assert!(log.contains(line), "no transaction was {what}: not covered");
+    }
     assert!(
         run.0.try_wait().expect("status").is_none(),
         "rowshift exited instead of reconnecting"
+    );
+    kill(&mut run);
+
+    // Killed while a transaction applied early is open on the target.
+    let mut run = db.spawn_run(&items, "2");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    // Rows with short bodies: an update of a row whose body is stored out
+    // of line would need the row read back (the mapping uses the body), and
+    // that makes the transaction wait for its commit.
+    c.batch_execute(
+        "BEGIN; UPDATE items SET small = small + 1000 WHERE id BETWEEN 10001 AND 40000",
+    )
+    .await
+    .expect("open transaction");
+    let other = db.client().await;
+    let holding = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_{}' \
+         AND application_name = 'rowshift:sink' AND state = 'idle in transaction'",
+        db.tag
+    );
+    wait_for(
+        "an early apply transaction",
+        Duration::from_secs(30),
+        || async {
+            other
+                .query_one(&holding, &[])
+                .await
+                .expect("activity")
+                .get::<_, i64>(0)
+                > 0
+        },
+    )
+    .await;
+    assert_equal(&other, ITEMS_MAPPED, &name).await;
+    kill(&mut run);
+    c.batch_execute("UPDATE items SET legacy = 'late' WHERE id % 3 = 0; COMMIT")
+        .await
+        .expect("commit after the kill");
+    let mut run = db.spawn_run(&items, "3");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", &name]).status.success());
+}
+
+/// An ordinary write that waits on a lock while a transaction is being
+/// applied early (here a lock held on a target row by another session, the
+/// stand-in for any wait the source's locks do not rule out): after the
+/// lock timeout the early writes are given up, the ordinary write goes
+/// through once the lock is released, and the large transaction is applied
+/// whole at its commit. Nothing is lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordinary_write_that_waits_makes_an_early_transaction_wait_for_its_commit() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, 3_000, 10).await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE t_{} SET logical_decoding_work_mem = '64kB'",
+        db.tag
+    ))
+    .await
+    .expect("work mem");
+    let name = format!("wait_{}", db.tag);
+    let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
+    let mut run = db.spawn_run(&items, "1");
+    wait_for("the backfill", Duration::from_secs(60), || async {
+        backfill_finished(&c, &name).await
+    })
+    .await;
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+
+    // Another session locks target row 3 (a short body: no read-back).
+    let blocker = db.client().await;
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM {name} WHERE id = 3 FOR UPDATE"
+        ))
+        .await
+        .expect("lock a target row");
+    // A large transaction, in progress: applied early (rows without long
+    // bodies, so nothing needs reading back).
+    let large = db.client().await;
+    large
+        .batch_execute("BEGIN; UPDATE items SET small = small + 1 WHERE id % 20 <> 0 AND id > 10")
+        .await
+        .expect("large transaction");
+    let holding = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_{}' \
+         AND application_name = 'rowshift:sink' AND state = 'idle in transaction'",
+        db.tag
+    );
+    wait_for(
+        "an early apply transaction",
+        Duration::from_secs(30),
+        || async {
+            c.query_one(&holding, &[])
+                .await
+                .expect("activity")
+                .get::<_, i64>(0)
+                > 0
+        },
+    )
+    .await;
+    // An ordinary transaction on the locked row: its write waits.
+    c.batch_execute("UPDATE items SET legacy = 'ordinary' WHERE id = 3")
+        .await
+        .expect("ordinary transaction");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    blocker.batch_execute("ROLLBACK").await.expect("release");
+    large
+        .batch_execute("UPDATE items SET legacy = 'large' WHERE id = 5; COMMIT")
+        .await
+        .expect("commit the large transaction");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    let log = std::fs::read_to_string(db.dir.join("run-1.log")).unwrap_or_default();
+    assert!(
+        log.contains("an ordinary write waited on it"),
+        "the lock timeout did not give the early writes up: not covered"
+    );
+    assert!(
+        run.0.try_wait().expect("status").is_none(),
+        "rowshift exited"
     );
     kill(&mut run);
     assert!(db.rowshift(&["abort", &name]).status.success());

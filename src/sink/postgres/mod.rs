@@ -17,6 +17,7 @@
 
 pub mod parallel;
 pub mod sql;
+pub mod tentative;
 
 use super::fold::{fold, Segment};
 use crate::error::{Error, Result};
@@ -25,7 +26,7 @@ use crate::spec::TableName;
 use crate::transform::Mapping;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Statement};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Kind {
@@ -51,12 +52,24 @@ pub struct Applied {
     pub refetches: u64,
 }
 
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, a: Applied) {
+        self.upserts += a.upserts;
+        self.deletes += a.deletes;
+        self.partials += a.partials;
+        self.refetches += a.refetches;
+    }
+}
+
 pub struct PgSink {
     client: Client,
     mapping: Arc<Mapping>,
     source: TableName,
     target: TableName,
     statements: HashMap<Kind, Statement>,
+    /// A transaction kept open across writes is in progress
+    /// ([`PgSink::write_open`]).
+    open: bool,
 }
 
 /// What a sink session is used for; each gets the planner settings that fit.
@@ -107,6 +120,7 @@ impl PgSink {
             source,
             target,
             statements: HashMap::new(),
+            open: false,
         })
     }
 
@@ -206,8 +220,6 @@ impl PgSink {
             Some(c) => self.checkpoint_statement(c).await?,
             None => None,
         };
-        let target = self.target.quoted();
-        let mapping = self.mapping.clone();
         let tx = self
             .client
             .transaction()
@@ -216,82 +228,81 @@ impl PgSink {
         if let Some(c) = claim {
             run_checkpoint(&tx, claim_stmt.as_ref(), c, None).await?;
         }
-        let mut applied = Applied::default();
-        for (seg, stmts) in segments.iter().zip(&statements) {
-            if seg.truncate_first {
-                tx.batch_execute(&format!("TRUNCATE {target}"))
-                    .await
-                    .map_err(Error::db("apply truncate"))?;
-            }
-            let deletes: Vec<&Key> = seg.deletes().collect();
-            if !deletes.is_empty() {
-                applied.deletes +=
-                    exec_keys(&tx, &stmts.delete, &deletes, mapping.source_key.len()).await?;
-            }
-            let upserts: Vec<&Row> = seg.upserts().collect();
-            if !upserts.is_empty() {
-                let all: Vec<usize> = (0..mapping.source_columns.len()).collect();
-                let params = column_arrays(&upserts, &all);
-                write_rows(
-                    &tx,
-                    stmts,
-                    &params,
-                    upserts.len() as u64,
-                    seg.mostly_inserts,
-                )
-                .await?;
-                applied.upserts += upserts.len() as u64;
-            }
-            let mut to_refetch: Vec<Key> = seg.refetches().cloned().collect();
-            for (carried, rows, stmt, refetch_all) in &stmts.partials {
-                if *refetch_all {
-                    to_refetch.extend(rows.iter().filter_map(|r| r.key(&mapping.source_key)));
-                    continue;
-                }
-                let params = column_arrays(rows, carried);
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    params.iter().map(|p| p as _).collect();
-                let found = tx
-                    .query(stmt, &refs)
-                    .await
-                    .map_err(Error::db("apply partial updates"))?;
-                let found: HashSet<Key> = found
-                    .iter()
-                    .map(|r| {
-                        Key((0..mapping.source_key.len())
-                            .map(|i| r.get::<_, Option<String>>(i))
-                            .collect())
-                    })
-                    .collect();
-                applied.partials += found.len() as u64;
-                to_refetch.extend(
-                    rows.iter()
-                        .filter_map(|r| r.key(&mapping.source_key))
-                        .filter(|k| !found.contains(k)),
-                );
-            }
-            if !to_refetch.is_empty() {
-                // Prepared on first use only: it reads the source table.
-                let refetch = match self.statements.get(&Kind::Refetch) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let text = sql::refetch(&mapping, &self.source, &self.target);
-                        let s = tx
-                            .prepare(&text)
-                            .await
-                            .map_err(Error::db("prepare refetch"))?;
-                        self.statements.insert(Kind::Refetch, s.clone());
-                        s
-                    }
-                };
-                let keys: Vec<&Key> = to_refetch.iter().collect();
-                applied.refetches +=
-                    exec_keys(&tx, &refetch, &keys, mapping.source_key.len()).await?;
-            }
-        }
+        let on = Target {
+            mapping: &self.mapping,
+            source: &self.source,
+            target: &self.target,
+            refetch: Some(&mut self.statements),
+        };
+        let applied = write_segments(&tx, on, segments, &statements).await?;
         run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
         tx.commit().await.map_err(Error::db("commit apply"))?;
         Ok(applied)
+    }
+
+    /// Writes segments into a transaction kept open across calls (begun by
+    /// the first), for a source transaction still in progress. A row that
+    /// would need reading back from the source is an error here: the source
+    /// does not show the transaction's own changes yet.
+    pub async fn write_open(&mut self, segments: &[Segment]) -> Result<Applied> {
+        let mut statements = Vec::new();
+        for seg in segments {
+            statements.push(self.statements_for(seg).await?);
+        }
+        if !self.open {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(Error::db("begin an early apply"))?;
+            self.open = true;
+        }
+        let on = Target {
+            mapping: &self.mapping,
+            source: &self.source,
+            target: &self.target,
+            refetch: None,
+        };
+        write_segments(&self.client, on, segments, &statements).await
+    }
+
+    /// Commits the open transaction after `fence` (nothing if none is open).
+    pub async fn commit_open(&mut self, fence: &Checkpoint) -> Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        let stmt = self.checkpoint_statement(fence).await?;
+        run_checkpoint(&self.client, stmt.as_ref(), fence, None).await?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(Error::db("commit an early apply"))?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Rolls the open transaction back (nothing if none is open).
+    pub async fn rollback_open(&mut self) -> Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(Error::db("roll an early apply back"))?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Sets (`Some`) or resets the session's `lock_timeout`.
+    pub async fn lock_timeout(&mut self, ms: Option<u64>) -> Result<()> {
+        let sql = match ms {
+            Some(ms) => format!("SET lock_timeout = {ms}"),
+            None => "RESET lock_timeout".to_string(),
+        };
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(Error::db("set the lock timeout"))
     }
 
     /// Runs a checkpoint in a transaction of its own.
@@ -431,6 +442,107 @@ impl PgSink {
     }
 }
 
+/// Where segments are written, and whether rows may be read back from the
+/// source (`refetch`: the cache the refetch statement is prepared into).
+struct Target<'s> {
+    mapping: &'s Mapping,
+    source: &'s TableName,
+    target: &'s TableName,
+    refetch: Option<&'s mut HashMap<Kind, Statement>>,
+}
+
+/// Writes folded segments, in order, on `client` (a transaction).
+async fn write_segments<C: GenericClient + Sync>(
+    client: &C,
+    mut on: Target<'_>,
+    segments: &[Segment],
+    statements: &[SegmentStatements<'_>],
+) -> Result<Applied> {
+    let target = on.target.quoted();
+    let mapping = on.mapping;
+    let mut applied = Applied::default();
+    for (seg, stmts) in segments.iter().zip(statements) {
+        if seg.truncate_first {
+            client
+                .batch_execute(&format!("TRUNCATE {target}"))
+                .await
+                .map_err(Error::db("apply truncate"))?;
+        }
+        let deletes: Vec<&Key> = seg.deletes().collect();
+        if !deletes.is_empty() {
+            applied.deletes +=
+                exec_keys(client, &stmts.delete, &deletes, mapping.source_key.len()).await?;
+        }
+        let upserts: Vec<&Row> = seg.upserts().collect();
+        if !upserts.is_empty() {
+            let all: Vec<usize> = (0..mapping.source_columns.len()).collect();
+            let params = column_arrays(&upserts, &all);
+            write_rows(
+                client,
+                stmts,
+                &params,
+                upserts.len() as u64,
+                seg.mostly_inserts,
+            )
+            .await?;
+            applied.upserts += upserts.len() as u64;
+        }
+        let mut to_refetch: Vec<Key> = seg.refetches().cloned().collect();
+        for (carried, rows, stmt, refetch_all) in &stmts.partials {
+            if *refetch_all {
+                to_refetch.extend(rows.iter().filter_map(|r| r.key(&mapping.source_key)));
+                continue;
+            }
+            let params = column_arrays(rows, carried);
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                params.iter().map(|p| p as _).collect();
+            let found = client
+                .query(stmt, &refs)
+                .await
+                .map_err(Error::db("apply partial updates"))?;
+            let found: HashSet<Key> = found
+                .iter()
+                .map(|r| {
+                    Key((0..mapping.source_key.len())
+                        .map(|i| r.get::<_, Option<String>>(i))
+                        .collect())
+                })
+                .collect();
+            applied.partials += found.len() as u64;
+            to_refetch.extend(
+                rows.iter()
+                    .filter_map(|r| r.key(&mapping.source_key))
+                    .filter(|k| !found.contains(k)),
+            );
+        }
+        if !to_refetch.is_empty() {
+            // Prepared on first use only: it reads the source table.
+            let Some(prepared) = on.refetch.as_deref_mut() else {
+                return Err(Error::State(
+                    "a row must be read back from the source, which does not show a transaction in progress"
+                        .into(),
+                ));
+            };
+            let refetch = match prepared.get(&Kind::Refetch) {
+                Some(s) => s.clone(),
+                None => {
+                    let text = sql::refetch(mapping, on.source, on.target);
+                    let s = client
+                        .prepare(&text)
+                        .await
+                        .map_err(Error::db("prepare refetch"))?;
+                    prepared.insert(Kind::Refetch, s.clone());
+                    s
+                }
+            };
+            let keys: Vec<&Key> = to_refetch.iter().collect();
+            applied.refetches +=
+                exec_keys(client, &refetch, &keys, mapping.source_key.len()).await?;
+        }
+    }
+    Ok(applied)
+}
+
 struct SegmentStatements<'a> {
     /// `None` when the target has only key columns.
     update: Option<Statement>,
@@ -439,8 +551,8 @@ struct SegmentStatements<'a> {
     partials: Vec<(Vec<usize>, Vec<&'a Row>, Statement, bool)>,
 }
 
-async fn run_checkpoint(
-    tx: &Transaction<'_>,
+async fn run_checkpoint<C: GenericClient + Sync>(
+    tx: &C,
     prepared: Option<&Statement>,
     checkpoint: &Checkpoint,
     count: Option<u64>,
@@ -471,8 +583,8 @@ async fn run_checkpoint(
 /// that reached every key, or an insert that added every key, is complete;
 /// otherwise the insert adds the keys the update missed, or the update
 /// rewrites every key (rows just inserted get the same values again).
-async fn write_rows(
-    tx: &Transaction<'_>,
+async fn write_rows<C: GenericClient + Sync>(
+    tx: &C,
     stmts: &SegmentStatements<'_>,
     params: &[Vec<Option<&str>>],
     rows: u64,
@@ -507,8 +619,8 @@ fn column_arrays<'a>(rows: &[&'a Row], positions: &[usize]) -> Vec<Vec<Option<&'
         .collect()
 }
 
-async fn exec_arrays(
-    tx: &Transaction<'_>,
+async fn exec_arrays<C: GenericClient + Sync>(
+    tx: &C,
     stmt: &Statement,
     params: &[Vec<Option<&str>>],
     what: &'static str,
@@ -518,8 +630,8 @@ async fn exec_arrays(
     tx.execute(stmt, &refs).await.map_err(Error::db(what))
 }
 
-async fn exec_keys(
-    tx: &Transaction<'_>,
+async fn exec_keys<C: GenericClient + Sync>(
+    tx: &C,
     stmt: &Statement,
     keys: &[&Key],
     width: usize,

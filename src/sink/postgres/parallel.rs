@@ -41,8 +41,18 @@ impl ParallelSink {
         fence: &Checkpoint,
         checkpoint: &Checkpoint,
     ) -> Result<Applied> {
-        let mut segments =
+        let segments =
             fold(events, &self.source_key).map_err(|e| Error::Replication(e.to_string()))?;
+        self.apply_folded(segments, fence, checkpoint).await
+    }
+
+    /// [`ParallelSink::apply`] of a batch already folded.
+    pub async fn apply_folded(
+        &mut self,
+        mut segments: Vec<Segment>,
+        fence: &Checkpoint,
+        checkpoint: &Checkpoint,
+    ) -> Result<Applied> {
         let n = self.sinks.len();
         let simple = n < 2
             || segments.len() != 1
@@ -75,12 +85,7 @@ impl ParallelSink {
             };
             self.sinks[i] = Some(sink);
             match result {
-                Ok(a) => {
-                    total.upserts += a.upserts;
-                    total.deletes += a.deletes;
-                    total.partials += a.partials;
-                    total.refetches += a.refetches;
-                }
+                Ok(a) => total += a,
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -93,6 +98,19 @@ impl ParallelSink {
         Ok(total)
     }
 
+    /// Runs a checkpoint in a transaction of its own.
+    pub async fn checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        self.first()?.checkpoint(checkpoint).await
+    }
+
+    /// Sets or resets every connection's `lock_timeout`.
+    pub async fn lock_timeout(&mut self, ms: Option<u64>) -> Result<()> {
+        for sink in self.sinks.iter_mut().flatten() {
+            sink.lock_timeout(ms).await?;
+        }
+        Ok(())
+    }
+
     fn first(&mut self) -> Result<&mut PgSink> {
         self.sinks
             .first_mut()
@@ -102,7 +120,7 @@ impl ParallelSink {
 }
 
 /// Splits a segment's operations into `n` parts by key hash.
-fn split(segment: Segment, n: usize) -> Vec<Segment> {
+pub(super) fn split(segment: Segment, n: usize) -> Vec<Segment> {
     let mut parts: Vec<Segment> = (0..n)
         .map(|_| Segment {
             mostly_inserts: segment.mostly_inserts,

@@ -54,6 +54,20 @@ pub fn replication_dsn(dsn: &str) -> String {
     }
 }
 
+/// The DSN with a server setting for the session (`options=-c name=value`),
+/// unless the DSN already sets options (the operator's win).
+pub fn with_setting(dsn: &str, name: &str, value: &str) -> String {
+    if dsn.contains("options=") {
+        return dsn.to_string();
+    }
+    if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
+        let sep = if dsn.contains('?') { '&' } else { '?' };
+        format!("{dsn}{sep}options=-c%20{name}%3D{value}")
+    } else {
+        format!("{dsn} options='-c {name}={value}'")
+    }
+}
+
 /// Hides the password of a DSN for messages and debug output.
 pub fn redact_dsn(dsn: &str) -> String {
     let mut out = Vec::new();
@@ -101,6 +115,22 @@ mod tests {
         assert_eq!(
             replication_dsn("host=x application_name=app"),
             "host=x application_name=app replication=database"
+        );
+    }
+
+    #[test]
+    fn settings_are_added_unless_options_are_set() {
+        assert_eq!(
+            with_setting("host=x replication=database", "a_b", "4kB"),
+            "host=x replication=database options='-c a_b=4kB'"
+        );
+        assert_eq!(
+            with_setting("postgres://u@h/db?replication=database", "a_b", "4kB"),
+            "postgres://u@h/db?replication=database&options=-c%20a_b%3D4kB"
+        );
+        assert_eq!(
+            with_setting("host=x options='-c x=1'", "a_b", "4kB"),
+            "host=x options='-c x=1'"
         );
     }
 
