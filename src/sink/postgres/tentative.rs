@@ -15,7 +15,7 @@
 //! overlap takes (docs/benchmarks.md, issue 2).
 
 use super::parallel::split;
-use super::{Applied, PgSink, Role};
+use super::{run_checkpoint, write_segments, Applied, PgSink, Role, Target};
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
 use crate::sink::fold::Segment;
@@ -133,5 +133,73 @@ impl Tentative {
             }
         }
         Ok(())
+    }
+}
+
+/// A sink's transaction kept open across writes.
+impl PgSink {
+    /// Writes segments into a transaction kept open across calls (begun by
+    /// the first), for a source transaction still in progress. A row that
+    /// would need reading back from the source is an error here: the source
+    /// does not show the transaction's own changes yet.
+    pub async fn write_open(&mut self, segments: &[Segment]) -> Result<Applied> {
+        let mut statements = Vec::new();
+        for seg in segments {
+            statements.push(self.statements_for(seg).await?);
+        }
+        if !self.open {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(Error::db("begin an early apply"))?;
+            self.open = true;
+        }
+        let on = Target {
+            mapping: &self.mapping,
+            source: &self.source,
+            target: &self.target,
+            refetch: None,
+        };
+        write_segments(&self.client, on, segments, &statements).await
+    }
+
+    /// Commits the open transaction after `fence` (nothing if none is open).
+    pub async fn commit_open(&mut self, fence: &Checkpoint) -> Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        let stmt = self.checkpoint_statement(fence).await?;
+        run_checkpoint(&self.client, stmt.as_ref(), fence, None).await?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(Error::db("commit an early apply"))?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Rolls the open transaction back (nothing if none is open).
+    pub async fn rollback_open(&mut self) -> Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(Error::db("roll an early apply back"))?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Sets (`Some`) or resets the session's `lock_timeout`.
+    pub async fn lock_timeout(&mut self, ms: Option<u64>) -> Result<()> {
+        let sql = match ms {
+            Some(ms) => format!("SET lock_timeout = {ms}"),
+            None => "RESET lock_timeout".to_string(),
+        };
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(Error::db("set the lock timeout"))
     }
 }
