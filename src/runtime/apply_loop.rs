@@ -194,47 +194,47 @@ pub async fn run(
                             return Err(Error::State("changes of a transaction in progress reached a stream that cannot hold them".into()));
                         }
                         (_, None) => {
-                        let checkpoint = apply_checkpoint(
-                            &p.name,
-                            epoch, stream.reverse, batch.ack, events, lag_ms);
-                        let started = Instant::now();
-                        let events_now = std::mem::take(&mut batch.events);
-                        // While an early transaction holds rows, a lock timeout
-                        // gives it up and the batch is applied again (see `early`).
-                        let again = early.as_ref().is_some_and(EarlyApply::holds_rows).then(|| events_now.clone());
-                        let applied = match (sink.apply(events_now, &fence, &checkpoint).await, again, early.as_mut()) {
-                            (Err(e), Some(events_again), Some(ea)) if e.is_lock_timeout() => {
-                                ea.give_up(&mut sink, "an ordinary write waited on it").await?;
-                                sink.apply(events_again, &fence, &checkpoint).await?
+                            let checkpoint = apply_checkpoint(
+                                &p.name,
+                                epoch, stream.reverse, batch.ack, events, lag_ms);
+                            let started = Instant::now();
+                            let events_now = std::mem::take(&mut batch.events);
+                            // While an early transaction holds rows, a lock timeout
+                            // gives it up and the batch is applied again (see `early`).
+                            let again = early.as_ref().is_some_and(EarlyApply::holds_rows).then(|| events_now.clone());
+                            let applied = match (sink.apply(events_now, &fence, &checkpoint).await, again, early.as_mut()) {
+                                (Err(e), Some(events_again), Some(ea)) if e.is_lock_timeout() => {
+                                    ea.give_up(&mut sink, "an ordinary write waited on it").await?;
+                                    sink.apply(events_again, &fence, &checkpoint).await?
+                                }
+                                (result, _, _) => result?,
+                            };
+                            tracing::debug!(
+                                events,
+                                upserts = applied.upserts,
+                                deletes = applied.deletes,
+                                partials = applied.partials,
+                                refetches = applied.refetches,
+                                apply_us = started.elapsed().as_micros() as u64,
+                                ack = ?batch.ack,
+                                "batch applied"
+                            );
+                            if let Some(lsn) = batch.ack {
+                                ack(lsn);
                             }
-                            (result, _, _) => result?,
-                        };
-                        tracing::debug!(
-                            events,
-                            upserts = applied.upserts,
-                            deletes = applied.deletes,
-                            partials = applied.partials,
-                            refetches = applied.refetches,
-                            apply_us = started.elapsed().as_micros() as u64,
-                            ack = ?batch.ack,
-                            "batch applied"
-                        );
-                        if let Some(lsn) = batch.ack {
-                            ack(lsn);
-                        }
-                        progress.stream(events, lag_ms);
-                        let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
-                        if passed_done {
-                            if !caught_up {
-                                caught_up = true;
-                                state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
-                                tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                            progress.stream(events, lag_ms);
+                            let passed_done = matches!((batch.heartbeat_us, backfill_done_us), (Some(hb), Some(done)) if hb > done);
+                            if passed_done {
+                                if !caught_up {
+                                    caught_up = true;
+                                    state::set_phase(&control, &p.name, Phase::CaughtUp, None).await?;
+                                    tracing::info!(pipeline = %p.name, lag_ms = lag_ms.unwrap_or(0), "caught up; streaming continues");
+                                }
+                                if opts.exit_when_caught_up {
+                                    progress.finish();
+                                    return Ok(Exit::Done);
+                                }
                             }
-                            if opts.exit_when_caught_up {
-                                progress.finish();
-                                return Ok(Exit::Done);
-                            }
-                        }
                         }
                     }
                 }
