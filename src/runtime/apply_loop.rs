@@ -204,7 +204,7 @@ pub async fn run(
                             let again = early.as_ref().is_some_and(EarlyApply::holds_rows).then(|| events_now.clone());
                             let applied = match (sink.apply(events_now, &fence, &checkpoint).await, again, early.as_mut()) {
                                 (Err(e), Some(events_again), Some(ea)) if e.is_lock_timeout() => {
-                                    ea.give_up(&mut sink, "an ordinary write waited on it").await?;
+                                    ea.give_up(&mut sink, Some("an ordinary write waited on it")).await?;
                                     sink.apply(events_again, &fence, &checkpoint).await?
                                 }
                                 (result, _, _) => result?,

@@ -117,7 +117,8 @@ impl EarlyApply {
         if self.open.as_ref().is_some_and(|o| o.xid != early.xid) {
             // The reader passes one transaction on at a time and ends it
             // before the next: a different one means the old one is gone.
-            self.give_up(main, "another transaction started").await?;
+            self.give_up(main, Some("another transaction started"))
+                .await?;
             self.open = None;
         }
         let open = self.open.get_or_insert_with(|| Open {
@@ -154,12 +155,12 @@ impl EarlyApply {
                 );
                 open.kept.push(parts);
                 if let Err(e) = written {
-                    self.give_up(main, &e.to_string()).await?;
+                    self.give_up(main, Some(&e.to_string())).await?;
                 }
             } else {
                 open.kept.push(segments);
                 if open.writing {
-                    self.give_up(main, "a TRUNCATE").await?;
+                    self.give_up(main, Some("a TRUNCATE")).await?;
                 }
             }
         }
@@ -168,7 +169,7 @@ impl EarlyApply {
         };
         let lsn = match end {
             EarlyEnd::Abort => {
-                self.give_up(main, "rolled back").await?;
+                self.give_up(main, None).await?;
                 self.open = None;
                 return Ok(Outcome::RolledBack);
             }
@@ -225,14 +226,14 @@ impl EarlyApply {
     }
 
     /// Gives the open early writes up: the kept batches are applied at the
-    /// commit instead.
-    pub async fn give_up(&mut self, main: &mut ParallelSink, why: &str) -> Result<()> {
+    /// commit instead. `why` is logged (`None`: the transaction rolled back).
+    pub async fn give_up(&mut self, main: &mut ParallelSink, why: Option<&str>) -> Result<()> {
         let Some(open) = self.open.as_mut() else {
             return Ok(());
         };
         if open.writing {
-            if why != "rolled back" {
-                tracing::info!(xid = open.xid, reason = why, "a large transaction is no longer applied early; it will be applied at its commit");
+            if let Some(reason) = why {
+                tracing::info!(xid = open.xid, reason, "a large transaction is no longer applied early; it will be applied at its commit");
             }
             open.writing = false;
             self.tentative.rollback().await;
