@@ -28,8 +28,19 @@ async fn streamed_txns(c: &tokio_postgres::Client, slot: &str) -> i64 {
     .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() {
+/// The items table (3,000 rows) in a fresh database whose transactions the
+/// walsender streams once past 64 kB, and a pipeline `<prefix>_<tag>` run
+/// until its backfill is done. Returns the database, a client, the
+/// pipeline's name and file, and the run.
+async fn streaming_items(
+    prefix: &str,
+) -> (
+    TestDb,
+    tokio_postgres::Client,
+    String,
+    std::path::PathBuf,
+    Proc,
+) {
     let db = TestDb::new(MAIN).await;
     let c = db.client().await;
     create_tables(&c, 3_000, 10).await;
@@ -39,14 +50,42 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     ))
     .await
     .expect("work mem");
-    let name = format!("stream_{}", db.tag);
-    let slot = format!("rowshift_{name}");
+    let name = format!("{prefix}_{}", db.tag);
     let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
-    let mut run = db.spawn_run(&items, "1");
+    let run = db.spawn_run(&items, "1");
     wait_for("the backfill", Duration::from_secs(60), || async {
         backfill_finished(&c, &name).await
     })
     .await;
+    (db, c, name, items, run)
+}
+
+/// Waits until one of rowshift's sink sessions holds a transaction open
+/// between writes: a transaction applied early.
+async fn wait_early_open(c: &tokio_postgres::Client, db: &TestDb) {
+    let holding = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_{}' \
+         AND application_name = 'rowshift:sink' AND state = 'idle in transaction'",
+        db.tag
+    );
+    wait_for(
+        "an early apply transaction",
+        Duration::from_secs(30),
+        || async {
+            c.query_one(&holding, &[])
+                .await
+                .expect("activity")
+                .get::<_, i64>(0)
+                > 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() {
+    let (db, c, name, items, mut run) = streaming_items("stream").await;
+    let slot = format!("rowshift_{name}");
 
     // One large transaction of every kind of change.
     c.batch_execute(
@@ -168,24 +207,7 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     .await
     .expect("open transaction");
     let other = db.client().await;
-    let holding = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_{}' \
-         AND application_name = 'rowshift:sink' AND state = 'idle in transaction'",
-        db.tag
-    );
-    wait_for(
-        "an early apply transaction",
-        Duration::from_secs(30),
-        || async {
-            other
-                .query_one(&holding, &[])
-                .await
-                .expect("activity")
-                .get::<_, i64>(0)
-                > 0
-        },
-    )
-    .await;
+    wait_early_open(&other, &db).await;
     assert_equal(&other, ITEMS_MAPPED, &name).await;
     kill(&mut run);
     c.batch_execute("UPDATE items SET legacy = 'late' WHERE id % 3 = 0; COMMIT")
@@ -206,22 +228,7 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
 /// whole at its commit. Nothing is lost or applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordinary_write_that_waits_makes_an_early_transaction_wait_for_its_commit() {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_tables(&c, 3_000, 10).await;
-    c.batch_execute(&format!(
-        "ALTER DATABASE t_{} SET logical_decoding_work_mem = '64kB'",
-        db.tag
-    ))
-    .await
-    .expect("work mem");
-    let name = format!("wait_{}", db.tag);
-    let items = db.pipeline("items.yaml", &items_pipeline(&name, 1_000, 50_000, 1));
-    let mut run = db.spawn_run(&items, "1");
-    wait_for("the backfill", Duration::from_secs(60), || async {
-        backfill_finished(&c, &name).await
-    })
-    .await;
+    let (db, c, name, _items, mut run) = streaming_items("wait").await;
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
 
     // Another session locks target row 3 (a short body: no read-back).
@@ -239,23 +246,7 @@ async fn an_ordinary_write_that_waits_makes_an_early_transaction_wait_for_its_co
         .batch_execute("BEGIN; UPDATE items SET small = small + 1 WHERE id % 20 <> 0 AND id > 10")
         .await
         .expect("large transaction");
-    let holding = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_{}' \
-         AND application_name = 'rowshift:sink' AND state = 'idle in transaction'",
-        db.tag
-    );
-    wait_for(
-        "an early apply transaction",
-        Duration::from_secs(30),
-        || async {
-            c.query_one(&holding, &[])
-                .await
-                .expect("activity")
-                .get::<_, i64>(0)
-                > 0
-        },
-    )
-    .await;
+    wait_early_open(&c, &db).await;
     // An ordinary transaction on the locked row: its write waits.
     c.batch_execute("UPDATE items SET legacy = 'ordinary' WHERE id = 3")
         .await

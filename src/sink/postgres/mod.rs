@@ -211,10 +211,7 @@ impl PgSink {
         claim: Option<&Checkpoint>,
         checkpoint: &Checkpoint,
     ) -> Result<Applied> {
-        let mut statements = Vec::new();
-        for seg in segments {
-            statements.push(self.statements_for(seg).await?);
-        }
+        let statements = self.statements_for_all(segments).await?;
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let claim_stmt = match claim {
             Some(c) => self.checkpoint_statement(c).await?,
@@ -250,6 +247,18 @@ impl PgSink {
             .map_err(Error::db("begin checkpoint"))?;
         run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
         tx.commit().await.map_err(Error::db("commit checkpoint"))
+    }
+
+    /// [`Self::statements_for`] each segment, in order.
+    async fn statements_for_all<'a>(
+        &mut self,
+        segments: &'a [Segment],
+    ) -> Result<Vec<SegmentStatements<'a>>> {
+        let mut statements = Vec::with_capacity(segments.len());
+        for seg in segments {
+            statements.push(self.statements_for(seg).await?);
+        }
+        Ok(statements)
     }
 
     async fn statements_for<'a>(&mut self, seg: &'a Segment) -> Result<SegmentStatements<'a>> {
@@ -318,8 +327,7 @@ impl PgSink {
             .await?;
         let params = Key::range_params(lo, hi);
         let ckpt = self.checkpoint_statement(checkpoint).await?;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as _).collect();
+        let refs = sql_params(&params);
         let tx = self
             .client
             .transaction()
@@ -356,8 +364,7 @@ impl PgSink {
             .await?;
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let params = Key::range_params(lo, hi);
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as _).collect();
+        let refs = sql_params(&params);
         let tx = self
             .client
             .transaction()
@@ -429,8 +436,7 @@ async fn write_segments<C: GenericClient + Sync>(
                 continue;
             }
             let params = column_arrays(rows, carried);
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                params.iter().map(|p| p as _).collect();
+            let refs = sql_params(&params);
             let found = client
                 .query(stmt, &refs)
                 .await
@@ -497,8 +503,7 @@ async fn run_checkpoint<C: GenericClient + Sync>(
     if let Some(n) = count {
         params.push(Some(n.to_string()));
     }
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        params.iter().map(|p| p as _).collect();
+    let refs = sql_params(&params);
     let changed = tx
         .execute(stmt, &refs)
         .await
@@ -539,6 +544,13 @@ async fn write_rows<C: GenericClient + Sync>(
     Ok(())
 }
 
+/// Statement parameters as tokio-postgres takes them.
+fn sql_params<T: tokio_postgres::types::ToSql + Sync>(
+    params: &[T],
+) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params.iter().map(|p| p as _).collect()
+}
+
 /// One `text[]` per column position, one element per row.
 fn column_arrays<'a>(rows: &[&'a Row], positions: &[usize]) -> Vec<Vec<Option<&'a str>>> {
     positions
@@ -560,8 +572,7 @@ async fn exec_arrays<C: GenericClient + Sync>(
     params: &[Vec<Option<&str>>],
     what: &'static str,
 ) -> Result<u64> {
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        params.iter().map(|p| p as _).collect();
+    let refs = sql_params(params);
     tx.execute(stmt, &refs).await.map_err(Error::db(what))
 }
 

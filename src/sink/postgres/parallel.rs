@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::{ChangeEvent, Checkpoint};
 use crate::sink::fold::{fold, Segment};
 use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use tokio::task::JoinSet;
 
@@ -62,38 +63,17 @@ impl ParallelSink {
             return self.first()?.apply_segments(&segments, checkpoint).await;
         }
         let parts = split(segments.pop().unwrap_or_default(), n);
-        let mut set = JoinSet::new();
-        for (i, part) in parts.into_iter().enumerate() {
-            if part.ops.is_empty() {
-                continue;
-            }
-            let Some(mut sink) = self.sinks[i].take() else {
-                return Err(Error::State("an apply worker was lost".into()));
-            };
+        let (_, applied) = on_parts(&mut self.sinks, parts, |mut sink, part| {
             let fence = fence.clone();
-            set.spawn(async move {
-                let result = sink.apply_segments(&[part], &fence).await;
-                (i, sink, result)
-            });
-        }
-        let mut total = Applied::default();
-        let mut first_error = None;
-        while let Some(joined) = set.join_next().await {
-            let Ok((i, sink, result)) = joined else {
-                first_error.get_or_insert(Error::State("an apply worker panicked".into()));
-                continue;
-            };
-            self.sinks[i] = Some(sink);
-            match result {
-                Ok(a) => total += a,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            async move {
+                let result = sink
+                    .apply_segments(std::slice::from_ref(&part), &fence)
+                    .await;
+                (sink, part, result)
             }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        })
+        .await;
+        let total = applied?;
         self.first()?.checkpoint(checkpoint).await?;
         Ok(total)
     }
@@ -116,6 +96,64 @@ impl ParallelSink {
             .first_mut()
             .and_then(Option::as_mut)
             .ok_or_else(|| Error::State("no apply connection".into()))
+    }
+}
+
+/// Runs `op` on every non-empty part, with the sink of the same index, all
+/// at once, and puts the sinks back. Returns the parts (by index, whatever
+/// the outcome) and the sum of what was applied, or the first error.
+pub(super) async fn on_parts<F, Fut>(
+    sinks: &mut [Option<PgSink>],
+    parts: Vec<Segment>,
+    op: F,
+) -> (Vec<Option<Segment>>, Result<Applied>)
+where
+    F: Fn(PgSink, Segment) -> Fut,
+    Fut: Future<Output = (PgSink, Segment, Result<Applied>)> + Send + 'static,
+{
+    let mut kept: Vec<Option<Segment>> = Vec::with_capacity(parts.len());
+    let mut set = JoinSet::new();
+    let mut first_error = None;
+    for (i, part) in parts.into_iter().enumerate() {
+        let sink = sinks.get_mut(i).and_then(Option::take);
+        match sink {
+            Some(sink) if !part.ops.is_empty() => {
+                kept.push(None);
+                let fut = op(sink, part);
+                set.spawn(async move {
+                    let (sink, part, result) = fut.await;
+                    (i, sink, part, result)
+                });
+            }
+            sink => {
+                if sink.is_none() && !part.ops.is_empty() {
+                    first_error.get_or_insert(Error::State("an apply worker was lost".into()));
+                }
+                if let (Some(sink), Some(slot)) = (sink, sinks.get_mut(i)) {
+                    *slot = Some(sink);
+                }
+                kept.push(Some(part));
+            }
+        }
+    }
+    let mut total = Applied::default();
+    while let Some(joined) = set.join_next().await {
+        let Ok((i, sink, part, result)) = joined else {
+            first_error.get_or_insert(Error::State("an apply worker panicked".into()));
+            continue;
+        };
+        sinks[i] = Some(sink);
+        kept[i] = Some(part);
+        match result {
+            Ok(a) => total += a,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => (kept, Err(e)),
+        None => (kept, Ok(total)),
     }
 }
 

@@ -14,7 +14,7 @@
 //! was not faster: on two cores the walsender needs the CPU the extra
 //! overlap takes (docs/benchmarks.md, issue 2).
 
-use super::parallel::split;
+use super::parallel::{on_parts, split};
 use super::{run_checkpoint, write_segments, Applied, PgSink, Role, Target};
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
@@ -22,7 +22,6 @@ use crate::sink::fold::Segment;
 use crate::spec::TableName;
 use crate::transform::Mapping;
 use std::sync::Arc;
-use tokio::task::JoinSet;
 
 pub struct Tentative {
     dsn: String,
@@ -57,41 +56,13 @@ impl Tentative {
         if let Err(e) = self.connect().await {
             return (vec![segment], Err(e));
         }
-        let mut parts: Vec<Option<Segment>> = split(segment, n).into_iter().map(Some).collect();
-        let mut set = JoinSet::new();
-        for (i, slot) in parts.iter_mut().enumerate() {
-            if slot.as_ref().is_none_or(|p| p.ops.is_empty()) {
-                continue;
-            }
-            let (Some(mut sink), Some(part)) = (self.sinks[i].take(), slot.take()) else {
-                continue;
-            };
-            set.spawn(async move {
-                let result = sink.write_open(std::slice::from_ref(&part)).await;
-                (i, sink, part, result)
-            });
-        }
-        let mut total = Applied::default();
-        let mut first_error = None;
-        while let Some(joined) = set.join_next().await {
-            let Ok((i, sink, part, result)) = joined else {
-                first_error.get_or_insert(Error::State("an early apply worker panicked".into()));
-                continue;
-            };
-            self.sinks[i] = Some(sink);
-            parts[i] = Some(part);
-            match result {
-                Ok(a) => total += a,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        let parts = parts.into_iter().flatten().collect();
-        match first_error {
-            Some(e) => (parts, Err(e)),
-            None => (parts, Ok(total)),
-        }
+        let parts = split(segment, n);
+        let (parts, written) = on_parts(&mut self.sinks, parts, |mut sink, part| async move {
+            let result = sink.write_open(std::slice::from_ref(&part)).await;
+            (sink, part, result)
+        })
+        .await;
+        (parts.into_iter().flatten().collect(), written)
     }
 
     /// Commits every open transaction, each after `fence`. (A connection is
@@ -143,10 +114,7 @@ impl PgSink {
     /// would need reading back from the source is an error here: the source
     /// does not show the transaction's own changes yet.
     pub async fn write_open(&mut self, segments: &[Segment]) -> Result<Applied> {
-        let mut statements = Vec::new();
-        for seg in segments {
-            statements.push(self.statements_for(seg).await?);
-        }
+        let statements = self.statements_for_all(segments).await?;
         if !self.open {
             self.client
                 .batch_execute("BEGIN")
