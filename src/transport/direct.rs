@@ -16,7 +16,7 @@
 //! transaction, and possibly its end ([`Batch::early`]).
 
 use crate::error::{Error, Result};
-use crate::model::{Batch, Early, EarlyEnd, SourceMsg};
+use crate::model::{Batch, ChangeEvent, Early, EarlyEnd, SourceMsg};
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -120,7 +120,7 @@ impl Receiver {
             match msg {
                 SourceMsg::Change(e) => {
                     self.in_tx = true;
-                    self.pending.events.push(e);
+                    self.push(e);
                 }
                 SourceMsg::Commit { lsn, xid } => {
                     self.in_tx = false;
@@ -143,7 +143,7 @@ impl Receiver {
                 }
                 SourceMsg::Streamed { xid, event } => {
                     self.pending.early.get_or_insert(Early { xid, end: None });
-                    self.pending.events.push(event);
+                    self.push(event);
                 }
                 SourceMsg::StreamEnd { xid, end } => {
                     if let EarlyEnd::Commit { lsn, .. } = end {
@@ -159,6 +159,17 @@ impl Receiver {
             }
         }
         Ok(false)
+    }
+
+    /// Adds a change to the pending batch, whose list is sized for a full
+    /// batch at its first change: growing it step by step copied it several
+    /// times per batch, into fresh pages the kernel had to zero.
+    fn push(&mut self, event: ChangeEvent) {
+        let events = &mut self.pending.events;
+        if events.capacity() == 0 {
+            events.reserve(self.max_events.min(16_384));
+        }
+        events.push(event);
     }
 
     fn take(&mut self) -> Batch {

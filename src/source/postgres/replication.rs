@@ -496,8 +496,11 @@ impl Decoder {
 fn text_value(value: &ColumnValue) -> Option<String> {
     match value {
         ColumnValue::Null => None,
-        ColumnValue::Text(b) | ColumnValue::Binary(b) => {
-            Some(String::from_utf8_lossy(b).into_owned())
-        }
+        // `from_utf8` checks ASCII a word at a time; the lossy variant,
+        // only needed for bytes that are not UTF-8, goes byte by byte.
+        ColumnValue::Text(b) | ColumnValue::Binary(b) => Some(match std::str::from_utf8(b) {
+            Ok(s) => s.to_owned(),
+            Err(_) => String::from_utf8_lossy(b).into_owned(),
+        }),
     }
 }
