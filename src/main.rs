@@ -10,7 +10,10 @@ mod migrate_cmd;
 
 /// mimalloc rather than glibc's allocator: the kafka path allocates and
 /// frees a few small objects per change (Avro values, records), and glibc's
-/// `malloc`/`free` were a fifth of both kafka processes' profiles.
+/// `malloc`/`free` were a fifth of both kafka processes' profiles. Built
+/// with `no_thp` (Cargo.toml): with transparent huge pages, every first touch
+/// of fresh memory zeroed 2 MB, over a third of rowshift's CPU while early
+/// apply held a large transaction (docs/benchmarks.md, issue 2, session 12).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;

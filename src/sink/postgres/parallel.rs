@@ -1,7 +1,7 @@
 //! Parallel apply: one batch on several connections, split by key.
 //!
-//! A folded batch holds one operation per key, so partitions by key hash
-//! touch disjoint rows and never wait on each other; a key always falls in
+//! A folded batch holds one operation per key, so partitions by key (a hash
+//! of the key, or of its run of 64 for a single integer key) touch disjoint rows and never wait on each other; a key always falls in
 //! the same partition, so per-key order is kept across batches. Each part
 //! commits on its own, after checking under `FOR SHARE` that no newer
 //! process fenced this one (see [`crate::state::bump_epoch`]). The batch's
@@ -157,7 +157,7 @@ where
     }
 }
 
-/// Splits a segment's operations into `n` parts by key hash.
+/// Splits a segment's operations into `n` parts by key ([`part_of`]).
 pub(super) fn split(segment: Segment, n: usize) -> Vec<Segment> {
     // Sized up front: growing each part step by step copied it several
     // times per batch, into fresh pages the kernel had to zero.

@@ -2,7 +2,7 @@
 //! transactions kept open until the source's transaction ends (see
 //! `crate::runtime::early` for when and why).
 //!
-//! The writes are split by key hash over connections of their own, like
+//! The writes are split by key over connections of their own, like
 //! [`super::parallel`]: a key always lands on the same connection, so each
 //! connection's transaction sees its keys' earlier writes of the same source
 //! transaction. Each write hands its parts back, so that the caller can keep
