@@ -138,12 +138,7 @@ impl PgSink {
         }
         let stmt = self.checkpoint_statement(fence).await?;
         run_checkpoint(&self.client, stmt.as_ref(), fence, None).await?;
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(Error::db("commit an early apply"))?;
-        self.open = false;
-        Ok(())
+        self.end_open("COMMIT", "commit an early apply").await
     }
 
     /// Rolls the open transaction back (nothing if none is open).
@@ -151,10 +146,15 @@ impl PgSink {
         if !self.open {
             return Ok(());
         }
+        self.end_open("ROLLBACK", "roll an early apply back").await
+    }
+
+    /// Ends the open transaction with `COMMIT` or `ROLLBACK`.
+    async fn end_open(&mut self, sql: &str, what: &'static str) -> Result<()> {
         self.client
-            .batch_execute("ROLLBACK")
+            .batch_execute(sql)
             .await
-            .map_err(Error::db("roll an early apply back"))?;
+            .map_err(Error::db(what))?;
         self.open = false;
         Ok(())
     }
