@@ -38,6 +38,15 @@ const ROWS: i64 = 200_000;
 const BACKLOG: i64 = 200_000;
 const PARTITIONS: i32 = 6;
 
+/// The bench topic's partitions: `BENCH_PARTITIONS`, or [`PARTITIONS`].
+fn partitions() -> i32 {
+    std::env::var("BENCH_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(PARTITIONS)
+}
+
 const ORDERS_DDL: &str =
     "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, \
     amount numeric(12,2) NOT NULL, status text NOT NULL, note text, legacy_flag boolean, \
@@ -65,12 +74,13 @@ fn kafka_transport(broker: &str, registry: &str, apply_in_run: bool) -> String {
         .and_then(|v| v.parse::<u64>().ok())
         .map(|ms| format!(", idle_fetch_pause_ms: {ms}"))
         .unwrap_or_default();
+    let partitions = partitions();
     let props = std::env::var("BENCH_PROPS")
         .map(|p| format!(", properties: {{ {p} }}"))
         .unwrap_or_default();
     format!(
         "{{ kind: kafka, batch_events: 10000, kafka: {{ brokers: \"{broker}\", registry_url: \"{registry}\", \
-         partitions: {PARTITIONS}, apply_in_run: {apply_in_run}{pause}{props} }} }}"
+         partitions: {partitions}, apply_in_run: {apply_in_run}{pause}{props} }} }}"
     )
 }
 

@@ -3,7 +3,7 @@
 //! producer's timestamps on records, and emptied between measurements.
 
 use super::common::free_port;
-use super::PARTITIONS;
+use super::partitions;
 use anyhow::{bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -70,7 +70,7 @@ impl LogEnds {
 
     /// Each partition's log end offset.
     pub fn ends(&self) -> Result<Vec<i64>> {
-        (0..PARTITIONS)
+        (0..partitions())
             .map(|part| {
                 let (_, hi) =
                     self.consumer
@@ -128,7 +128,7 @@ impl LogEnds {
     /// by the third round) made its saves take more CPU than rowshift.
     pub async fn trim(&self, broker: &str) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
-        for part in 0..PARTITIONS {
+        for part in 0..partitions() {
             let (_, hi) =
                 self.consumer
                     .fetch_watermarks(&self.topic, part, Duration::from_secs(5))?;

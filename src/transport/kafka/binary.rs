@@ -9,6 +9,7 @@
 //! PostgreSQL's text directly ([`text`]).
 
 use super::avro::AvroType;
+use super::pgtext;
 use apache_avro::schema::{NamesRef, Namespace, ResolvedSchema, Schema};
 
 /// The shape of one Avro value in the binary encoding (logical types keep
@@ -327,8 +328,8 @@ pub fn text(r: &mut Reader, node: &Node, hint: &AvroType) -> Result<Option<Strin
             let v = r.variant(variants)?;
             return text(r, v, hint);
         }
-        (Node::Int, _) => r.int()?.to_string(),
-        (Node::Long, _) => r.long()?.to_string(),
+        (Node::Int, _) => pgtext::integer(i64::from(r.int()?)),
+        (Node::Long, _) => pgtext::integer(r.long()?),
         (Node::Boolean, _) => if r.boolean()? { "t" } else { "f" }.to_string(),
         (Node::Float, _) => {
             let b: [u8; 4] = r.take(4)?.try_into().map_err(|_| TRUNCATED)?;
@@ -348,7 +349,7 @@ pub fn text(r: &mut Reader, node: &Node, hint: &AvroType) -> Result<Option<Strin
                 .clone()
         }
         (Node::Uuid, _) => match r.bytes()? {
-            b if b.len() == 16 => uuid_text(b),
+            b if b.len() == 16 => pgtext::uuid(b),
             b => std::str::from_utf8(b)
                 .map_err(|_| "a uuid that is not UTF-8".to_string())?
                 .to_string(),
@@ -358,14 +359,14 @@ pub fn text(r: &mut Reader, node: &Node, hint: &AvroType) -> Result<Option<Strin
                 Some(n) => r.take(*n)?,
                 None => r.bytes()?,
             };
-            decimal_text(bytes, *scale)?
+            pgtext::decimal(bytes, *scale)?
         }
-        (Node::Bytes, AvroType::Decimal { scale, .. }) => decimal_text(r.bytes()?, *scale)?,
-        (Node::Bytes, _) => hex_text(r.bytes()?),
-        (Node::Date, _) => date_text(i64::from(r.int()?)),
-        (Node::TimeMicros, _) => clock_text(r.long()?),
-        (Node::TimestampMicros, _) => format!("{}+00", timestamp_text(r.long()?)),
-        (Node::LocalTimestampMicros, _) => timestamp_text(r.long()?),
+        (Node::Bytes, AvroType::Decimal { scale, .. }) => pgtext::decimal(r.bytes()?, *scale)?,
+        (Node::Bytes, _) => pgtext::hex(r.bytes()?),
+        (Node::Date, _) => pgtext::date(i64::from(r.int()?)),
+        (Node::TimeMicros, _) => pgtext::clock(r.long()?),
+        (Node::TimestampMicros, _) => pgtext::timestamp(r.long()?, true),
+        (Node::LocalTimestampMicros, _) => pgtext::timestamp(r.long()?, false),
         (Node::Array(inner), AvroType::Array(inner_hint)) => {
             let mut out = String::from("{");
             r.items(|r| {
@@ -392,100 +393,6 @@ pub fn text(r: &mut Reader, node: &Node, hint: &AvroType) -> Result<Option<Strin
         }
         (node, hint) => return Err(format!("an Avro {node:?} does not fit {hint:?}")),
     }))
-}
-
-/// bytea's hex text.
-fn hex_text(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(2 + bytes.len() * 2);
-    s.push_str("\\x");
-    for b in bytes {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 0xf)] as char);
-    }
-    s
-}
-
-/// A uuid written as its 16 bytes, in the usual hyphenated text.
-fn uuid_text(b: &[u8]) -> String {
-    let hex = hex_text(b);
-    let h = &hex[2..];
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-fn decimal_text(bytes: &[u8], scale: u32) -> Result<String, String> {
-    if bytes.is_empty() || bytes.len() > 16 {
-        return Err("decimal out of range".into());
-    }
-    let fill = if bytes[0] & 0x80 != 0 { 0xff } else { 0 };
-    let mut buf = [fill; 16];
-    buf[16 - bytes.len()..].copy_from_slice(bytes);
-    let n = i128::from_be_bytes(buf);
-    let digits = n.unsigned_abs().to_string();
-    let scale = scale as usize;
-    let padded = format!("{digits:0>width$}", width = scale + 1);
-    let (int, frac) = padded.split_at(padded.len() - scale);
-    let sign = if n < 0 { "-" } else { "" };
-    Ok(if scale == 0 {
-        format!("{sign}{int}")
-    } else {
-        format!("{sign}{int}.{frac}")
-    })
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn date_text(days: i64) -> String {
-    match days {
-        d if d == i32::MAX as i64 => "infinity".into(),
-        d if d == i32::MIN as i64 => "-infinity".into(),
-        d => {
-            let (y, m, d) = civil_from_days(d);
-            format!("{y:04}-{m:02}-{d:02}")
-        }
-    }
-}
-
-fn clock_text(us: i64) -> String {
-    let (secs, micros) = (us.div_euclid(1_000_000), us.rem_euclid(1_000_000));
-    let base = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
-    if micros == 0 {
-        base
-    } else {
-        format!("{base}.{micros:06}")
-    }
-}
-
-fn timestamp_text(us: i64) -> String {
-    match us {
-        i64::MAX => "infinity".into(),
-        i64::MIN => "-infinity".into(),
-        us => {
-            let days = us.div_euclid(86_400_000_000);
-            format!(
-                "{} {}",
-                date_text(days),
-                clock_text(us.rem_euclid(86_400_000_000))
-            )
-        }
-    }
 }
 
 #[cfg(test)]

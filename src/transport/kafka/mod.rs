@@ -17,7 +17,8 @@
 //!   the slot is confirmed past it;
 //! - [`snapshot`]: the DBLog-style backfill chunks and why they are correct;
 //! - [`decode`] and [`consumer`]: a consumer-group member that turns records
-//!   back into change events, starts newly assigned partitions at the stored
+//!   back into change events (values read back into PostgreSQL's text by
+//!   [`pgtext`]), starts newly assigned partitions at the stored
 //!   positions and commits offsets only when told; [`idle`]: the pause
 //!   that keeps a caught-up consumer from fetching in a loop.
 //!
@@ -37,6 +38,7 @@ pub mod envelope;
 pub mod frame;
 mod idle;
 pub mod logs;
+mod pgtext;
 pub mod producer;
 pub mod snapshot;
 pub mod wire;
