@@ -186,12 +186,10 @@ impl PgSink {
     /// them before it writes any row, see `state::kafka::claim`).
     pub async fn apply_claimed(
         &mut self,
-        events: Vec<ChangeEvent>,
+        segments: &[Segment],
         claim: &Checkpoint,
     ) -> Result<Applied> {
-        let segments = fold(events, &self.mapping.source_key)
-            .map_err(|e| Error::Replication(e.to_string()))?;
-        self.write(&segments, Some(claim), &Checkpoint::default())
+        self.write(segments, Some(claim), &Checkpoint::default())
             .await
     }
 
