@@ -38,7 +38,6 @@
 use super::Exit;
 use crate::error::{Error, Result};
 use crate::model::{now_us, ChangeEvent};
-use crate::sink::postgres::parallel::ParallelSink;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::spec::Pipeline;
@@ -92,22 +91,14 @@ pub async fn run(
         columns: &schema.columns,
         key: &schema.key,
     };
-    // As with `direct`: a poll is split by key over `apply_workers`
-    // connections (see `ParallelSink::apply_claimed`).
-    let mut sinks = Vec::new();
-    for _ in 0..p.transport.apply_workers.max(1) {
-        sinks.push(
-            PgSink::connect(
-                dsn,
-                mapping.clone(),
-                p.source_table.clone(),
-                p.target_table.clone(),
-                Role::Stream,
-            )
-            .await?,
-        );
-    }
-    let mut sink = ParallelSink::new(sinks, mapping.source_key.clone());
+    let mut sink = PgSink::connect(
+        dsn,
+        mapping,
+        p.source_table.clone(),
+        p.target_table.clone(),
+        Role::Stream,
+    )
+    .await?;
     let me = format!("pid {}", std::process::id());
     let mut positions = state::kafka::applied(&control, &p.name).await?;
     let mut reach = Reach::default();
@@ -292,7 +283,7 @@ async fn wanted(control: &Client, name: &str) -> Result<Option<Exit>> {
 async fn apply(
     p: &Pipeline,
     control: &Client,
-    sink: &mut ParallelSink,
+    sink: &mut PgSink,
     me: &str,
     polled: &Polled,
     positions: &mut HashMap<i32, Position>,
@@ -341,8 +332,7 @@ async fn apply(
             .map(|e| ((now_us() - e.commit_ts_us) / 1000).max(0));
         let batch: Vec<PartBatch> = parts.values().copied().collect();
         let claim = state::kafka::claim(&p.name, me, &batch, lag);
-        let guard = state::kafka::guard(&p.name, &batch);
-        match sink.apply_claimed(events, &guard, &claim).await {
+        match sink.apply_claimed(events, &claim).await {
             Ok(_) => {
                 for b in batch {
                     if let Some(pos) = positions.get_mut(&b.part) {

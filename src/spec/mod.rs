@@ -121,8 +121,7 @@ pub struct Throttle {
 /// `batch_events`: most changes in one applied batch; `queue_batches`: how
 /// many batches' worth of changes may wait between reader and applier;
 /// `linger_ms`: how long a batch may wait for more changes once it has one;
-/// `apply_workers`: connections a batch is applied on, split by key (`direct`, and
-/// each kafka applier per poll).
+/// `apply_workers`: connections a batch is applied on, split by key (direct).
 /// `kafka`: set with `kind: kafka`; `None` is the in-process `direct` queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transport {

@@ -212,29 +212,6 @@ pub fn claim(name: &str, applier: &str, parts: &[PartBatch], lag_ms: Option<i64>
     }
 }
 
-/// The check that ends each part of a poll applied over several
-/// connections (`ParallelSink::apply_claimed`): every partition of the poll
-/// is still at the position the applier read, and the stream is forward.
-/// Both rows are held `FOR SHARE` until the part commits, so a competing
-/// claim, or a swap, waits for the part; a claim that committed first
-/// makes the check fail and the part roll back.
-pub fn guard(name: &str, parts: &[PartBatch]) -> Checkpoint {
-    Checkpoint {
-        sql: "WITH v AS (SELECT * FROM unnest($2::text::int4[], $3::text::int8[]) AS v(part, expected)), \
-              held AS (SELECT 1 FROM rowshift.kafka_applied k JOIN v ON k.part = v.part AND k.next_offset = v.expected \
-                WHERE k.pipeline = $1::text FOR SHARE OF k) \
-              SELECT 1 WHERE (SELECT count(*) FROM held) = (SELECT count(*) FROM v) \
-                AND (SELECT direction FROM rowshift.pipelines WHERE name = $1::text FOR SHARE) = 'forward'"
-            .into(),
-        params: vec![
-            Some(name.to_string()),
-            Some(int_array(parts.iter().map(|p| p.part))),
-            Some(int_array(parts.iter().map(|p| p.expected))),
-        ],
-        fenced: true,
-    }
-}
-
 /// Runs a checkpoint on its own (autocommit), with its fencing check.
 pub async fn execute(client: &Client, checkpoint: &Checkpoint) -> Result<()> {
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =

@@ -186,10 +186,12 @@ impl PgSink {
     /// them before it writes any row, see `state::kafka::claim`).
     pub async fn apply_claimed(
         &mut self,
-        segments: &[Segment],
+        events: Vec<ChangeEvent>,
         claim: &Checkpoint,
     ) -> Result<Applied> {
-        self.write(segments, Some(claim), &Checkpoint::default())
+        let segments = fold(events, &self.mapping.source_key)
+            .map_err(|e| Error::Replication(e.to_string()))?;
+        self.write(&segments, Some(claim), &Checkpoint::default())
             .await
     }
 

@@ -50,63 +50,19 @@ impl ParallelSink {
     /// [`ParallelSink::apply`] of a batch already folded.
     pub async fn apply_folded(
         &mut self,
-        segments: Vec<Segment>,
-        fence: &Checkpoint,
-        checkpoint: &Checkpoint,
-    ) -> Result<Applied> {
-        if self.one_connection(&segments) {
-            return self.first()?.apply_segments(&segments, checkpoint).await;
-        }
-        self.apply_split(segments, fence, checkpoint).await
-    }
-
-    /// Applies a poll of kafka records whose `claim` moves the partitions'
-    /// stored positions past them. Split over the connections, each part
-    /// ends with `guard` (the positions still where the poll starts, held
-    /// `FOR SHARE`, and the stream still forward), and the claim follows in
-    /// a transaction of its own once every part committed. An applier that
-    /// took the partitions over meanwhile makes the guard or the claim fail
-    /// (`Stopped`); its own claim waits for a part that holds the guard, and
-    /// its rows then overwrite the part's, which were written from the same
-    /// stored position or an earlier one. A crash between the parts and the claim leaves the records
-    /// applied and the positions where they were: the records are applied
-    /// again, idempotently, as with [`ParallelSink::apply`]. A poll too small
-    /// to split is applied on one connection, the claim first in its
-    /// transaction.
-    pub async fn apply_claimed(
-        &mut self,
-        events: Vec<ChangeEvent>,
-        guard: &Checkpoint,
-        claim: &Checkpoint,
-    ) -> Result<Applied> {
-        let segments =
-            fold(events, &self.source_key).map_err(|e| Error::Replication(e.to_string()))?;
-        if self.one_connection(&segments) {
-            return self.first()?.apply_claimed(&segments, claim).await;
-        }
-        self.apply_split(segments, guard, claim).await
-    }
-
-    /// Whether a batch is applied on one connection: there is one, the
-    /// batch has several segments (a TRUNCATE or a key change between
-    /// them), starts with a TRUNCATE, or is too small to be worth splitting.
-    fn one_connection(&self, segments: &[Segment]) -> bool {
-        let n = self.sinks.len();
-        n < 2 || segments.len() != 1 || segments[0].truncate_first || segments[0].ops.len() < 2 * n
-    }
-
-    /// The one segment of `segments` split by key over the connections,
-    /// each part's transaction ending with `fence`; then `checkpoint` in a
-    /// transaction of its own.
-    async fn apply_split(
-        &mut self,
         mut segments: Vec<Segment>,
         fence: &Checkpoint,
         checkpoint: &Checkpoint,
     ) -> Result<Applied> {
         let n = self.sinks.len();
+        let simple = n < 2
+            || segments.len() != 1
+            || segments[0].truncate_first
+            || segments[0].ops.len() < 2 * n;
+        if simple {
+            return self.first()?.apply_segments(&segments, checkpoint).await;
+        }
         let parts = split(segments.pop().unwrap_or_default(), n);
-        tracing::trace!(connections = n, "batch split by key");
         let (_, applied) = on_parts(&mut self.sinks, parts, |mut sink, part| {
             let fence = fence.clone();
             async move {
