@@ -19,7 +19,7 @@
 //! one-dimensional arrays of these → array. Anything else is refused when
 //! the pipeline is planned.
 
-use super::wire;
+use super::{calendar, wire};
 use apache_avro::types::Value;
 use serde_json::{json, Value as Json};
 
@@ -222,17 +222,6 @@ fn bytea(text: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// Days from 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 fn date_parts(text: &str) -> Result<(i64, i64, i64), String> {
     let mut it = text.splitn(3, '-');
     let mut next = || -> Result<i64, String> {
@@ -255,7 +244,7 @@ fn date_days(text: &str) -> Result<i32, String> {
         ));
     }
     let (y, m, d) = date_parts(text)?;
-    Ok(days_from_civil(y, m, d) as i32)
+    Ok(calendar::days_from_civil(y, m, d) as i32)
 }
 
 /// `HH:MM:SS[.ffffff]` → microseconds.
@@ -312,7 +301,7 @@ fn timestamp_micros(text: &str, zoned: bool) -> Result<i64, String> {
         (rest, 0)
     };
     let day_micros = time_micros(clock)?;
-    Ok(days_from_civil(y, m, d) * 86_400_000_000 + day_micros - offset_s * 1_000_000)
+    Ok(calendar::days_from_civil(y, m, d) * 86_400_000_000 + day_micros - offset_s * 1_000_000)
 }
 
 /// Elements of a one-dimensional array in PostgreSQL's text format.

@@ -30,6 +30,7 @@
 
 pub mod avro;
 mod binary;
+mod calendar;
 pub mod codec;
 pub mod consumer;
 pub mod decode;

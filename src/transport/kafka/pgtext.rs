@@ -6,6 +6,8 @@
 //! value is written digit by digit into one string, without the formatting
 //! machinery or intermediate strings.
 
+use super::calendar;
+
 /// The decimal digits of `n` (most significant first), in a buffer of its own.
 struct Digits {
     buf: [u8; 40],
@@ -118,21 +120,8 @@ pub fn decimal(bytes: &[u8], scale: u32) -> Result<String, String> {
     Ok(s)
 }
 
-/// The proleptic Gregorian (year, month, day) of a day count from 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u64, u64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 fn push_date(out: &mut String, days: i64) {
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = calendar::civil_from_days(days);
     // Four characters for the year, a minus sign included.
     if y < 0 {
         out.push('-');
