@@ -218,7 +218,10 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
         );
 
         // Waiting at the end costs little CPU on noida-db, which answers
-        // empty fetches at once: far less than with the pause off.
+        // empty fetches at once: less than half of it with the pause off.
+        // (Paused: 0.26 s of 3 s on a fast day, 0.41-0.49 s on a slow one,
+        // while spinning stays near 1.5 s, bounded by the broker's round
+        // trips; without the pause the two are the same.)
         if *name == "noida" {
             let paused = idle_cpu(&consumer, &layout, 3).await;
             let spinning = member(format!("g2_{topic}"), Duration::ZERO);
@@ -235,8 +238,9 @@ async fn an_idle_consumer_pauses_at_the_end_and_misses_nothing() {
             }
             assert_eq!(n, RECORDS + LATE, "the second group reads everything");
             let unpaused = idle_cpu(&spinning, &layout, 3).await;
+            println!("waiting 3 s at the end: {paused:?} of CPU paused, {unpaused:?} spinning");
             assert!(
-                paused * 3 < unpaused,
+                paused * 2 < unpaused,
                 "waiting at the end took {paused:?} of CPU with the idle pause, {unpaused:?} without"
             );
         }
