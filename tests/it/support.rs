@@ -109,6 +109,18 @@ impl TestDb {
     }
 }
 
+/// A passing test's directory (pipeline files, process logs) goes; a
+/// failing test's stays for its logs, and its path is printed.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// Polls `probe` until it returns true; panics with `what` after `limit`.
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut probe: F)
 where
@@ -175,18 +187,6 @@ pub async fn diff(c: &Client, mapped_source: &str, target: &str) -> Option<Strin
 /// A running rowshift process; killed (SIGKILL) when dropped, so a failing
 /// test does not leave it behind.
 pub struct Proc(pub Child);
-
-/// A passing test's directory (pipeline files, process logs) goes; a
-/// failing test's stays for its logs, and its path is printed.
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
 
 impl Drop for Proc {
     fn drop(&mut self) {
