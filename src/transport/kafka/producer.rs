@@ -32,6 +32,14 @@ pub type Passthrough = Vec<(String, String)>;
 /// little to match), for a little more of the producer's CPU.
 pub const DEFAULT_COMPRESSION: &str = "zstd";
 
+/// How long librdkafka gathers a partition's records into one batch unless
+/// `properties` set `linger.ms`. 50 ms, not librdkafka's 5: a backlog of
+/// single-row transactions then travels in batches of about 400 records
+/// instead of 85, so the broker handles a fifth of the requests, zstd
+/// starts a fifth of the frames (each a fresh compression context) and the
+/// producer's threads wake less. It adds at most 50 ms to the lag.
+pub const DEFAULT_LINGER_MS: &str = "50";
+
 /// Header carrying the pipeline's incarnation (see `state::kafka::incarnation`).
 pub const INCARNATION_HEADER: &str = "rowshift.incarnation";
 
@@ -39,10 +47,15 @@ pub struct Producer {
     inner: ThreadedProducer<Deliveries>,
 }
 
-fn config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
+/// A client of `brokers` with `defaults`, then the pipeline's `passthrough`
+/// over them.
+fn config(brokers: &str, defaults: &[(&str, &str)], passthrough: &Passthrough) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set_log_level(super::logs::level());
+    for (k, v) in defaults {
+        cfg.set(*k, *v);
+    }
     for (k, v) in passthrough {
         cfg.set(k, v);
     }
@@ -74,17 +87,19 @@ impl Pending {
     }
 }
 
-/// rowshift's producer settings on top of the pipeline's `properties`.
+/// rowshift's producer settings. Its tuning defaults come first, so the
+/// pipeline's `properties` can override them (`linger.ms`, compression and
+/// the like); the delivery guarantees come last, so nothing overrides them
+/// (the spec refuses them in `properties` as well).
 fn producer_config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
-    let mut cfg = config(brokers, passthrough);
-    cfg.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "0");
+    let mut defaults = vec![
+        ("partitioner", "murmur2_random"),
+        ("linger.ms", DEFAULT_LINGER_MS),
+        ("batch.num.messages", "10000"),
+        ("queue.buffering.max.messages", "1000000"),
+        ("queue.buffering.max.kbytes", "1048576"),
+        ("message.timeout.ms", "0"),
+    ];
     // Compressed unless the pipeline chose otherwise: the note-like text
     // columns of a table compress several times over, which the broker
     // stores and sends the appliers as they are.
@@ -92,8 +107,10 @@ fn producer_config(brokers: &str, passthrough: &Passthrough) -> ClientConfig {
         .iter()
         .any(|(k, _)| k == "compression.type" || k == "compression.codec")
     {
-        cfg.set("compression.type", DEFAULT_COMPRESSION);
+        defaults.push(("compression.type", DEFAULT_COMPRESSION));
     }
+    let mut cfg = config(brokers, &defaults, passthrough);
+    cfg.set("enable.idempotence", "true").set("acks", "all");
     cfg
 }
 
@@ -249,7 +266,7 @@ pub async fn delete_topic(brokers: &str, passthrough: &Passthrough, topic: &str)
 }
 
 fn admin(brokers: &str, passthrough: &Passthrough) -> Result<AdminClient<Logs>> {
-    config(brokers, passthrough)
+    config(brokers, &[], passthrough)
         .create_with_context(Logs)
         .map_err(|e| Error::Config {
             reason: format!("kafka admin client: {e}"),
@@ -274,5 +291,24 @@ mod tests {
         let cfg = producer_config("b:9092", &old_name);
         assert_eq!(cfg.get("compression.type"), None);
         assert_eq!(cfg.get("compression.codec"), Some("none"));
+    }
+
+    #[test]
+    fn properties_override_tuning_but_never_the_delivery_guarantees() {
+        let cfg = producer_config("b:9092", &Vec::new());
+        assert_eq!(cfg.get("linger.ms"), Some(DEFAULT_LINGER_MS));
+        let own = vec![
+            ("linger.ms".to_string(), "40".to_string()),
+            ("batch.num.messages".to_string(), "500".to_string()),
+            // Refused by the spec; were one to get here, it loses.
+            ("acks".to_string(), "1".to_string()),
+            ("enable.idempotence".to_string(), "false".to_string()),
+        ];
+        let cfg = producer_config("b:9092", &own);
+        assert_eq!(cfg.get("linger.ms"), Some("40"));
+        assert_eq!(cfg.get("batch.num.messages"), Some("500"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
     }
 }
