@@ -35,7 +35,7 @@ pub const DEFAULT_COMPRESSION: &str = "zstd";
 /// How long librdkafka gathers a partition's records into one batch unless
 /// `properties` set `linger.ms`. 50 ms, not librdkafka's 5: a backlog of
 /// single-row transactions then travels in batches of about 400 records
-/// instead of 85, so the broker handles a fifth of the requests, zstd
+/// instead of 85, so the broker handles a fifth of the batches, zstd
 /// starts a fifth of the frames (each a fresh compression context) and the
 /// producer's threads wake less. It adds at most 50 ms to the lag.
 pub const DEFAULT_LINGER_MS: &str = "50";
