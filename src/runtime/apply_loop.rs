@@ -143,6 +143,12 @@ pub async fn run(
                     backfill.round().await?;
                     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
                     if backfill.finished() {
+                        // Early mode from before the end is recorded, so a
+                        // transaction begun after `backfill_finished_at` is
+                        // set can be applied while in progress.
+                        if let Some(e) = &early {
+                            e.allow();
+                        }
                         backfill_done_us = Some(now_us());
                         control
                             .execute("UPDATE rowshift.pipelines SET backfill_finished_at = now() WHERE name = $1", &[&p.name])
