@@ -129,23 +129,27 @@ pub async fn run(
     let mut lag_ms: Option<i64> = None;
     tracing::info!(pipeline = %p.name, direction, source = %stream.source, target = %stream.target, "streaming");
 
+    // Early mode once the backfill is done: here for a run that resumes
+    // after it, and where the last chunk lands for one that finishes it
+    // (a backfill never becomes unfinished again).
+    if let (true, Some(e)) = (backfill.finished(), &early) {
+        e.allow();
+    }
+
     // Ordered shutdown: leave the loop, stop the heartbeat, the batcher and
     // the reader, and wait for the reader to release the slot, so that an
     // in-process retry can start streaming from it again.
     let result: Result<Exit> = async {
         loop {
-            if let (true, Some(e)) = (backfill.finished(), &early) {
-                e.allow();
-            }
             if !backfill.finished() && !paused {
                 throttled = throttler.check(&control).await?;
                 if throttled.is_none() && backfill.due() {
                     backfill.round().await?;
                     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
                     if backfill.finished() {
-                        // Early mode from before the end is recorded, so a
-                        // transaction begun after `backfill_finished_at` is
-                        // set can be applied while in progress.
+                        // Before the end is recorded, so a transaction
+                        // begun after `backfill_finished_at` is set can be
+                        // applied while in progress.
                         if let Some(e) = &early {
                             e.allow();
                         }
