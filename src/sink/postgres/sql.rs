@@ -10,7 +10,7 @@
 //! type needs client-side code.
 
 use crate::spec::{quote_ident, TableName};
-use crate::transform::Mapping;
+use crate::transform::{unnest_arrays, Mapping};
 
 /// Whole rows (a batch's upserts, keys unique) are written by two
 /// statements, [`update_rows`] and [`insert_missing`]. The sink runs the one
@@ -116,20 +116,15 @@ pub fn refetch(m: &Mapping, source: &TableName, target: &TableName) -> String {
         .enumerate()
         .map(|(i, &p)| format!("u.c{i}::{}", m.source_columns[p].sql_type))
         .collect();
-    let args: Vec<String> = (0..m.source_key.len())
-        .map(|i| format!("${}::text[]", i + 1))
-        .collect();
-    let aliases: Vec<String> = (0..m.source_key.len()).map(|i| format!("c{i}")).collect();
     format!(
-        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({})) {}",
+        "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src WHERE ({}) IN (SELECT {} FROM {}) {}",
         target.quoted(),
         m.target_list(),
         m.select_list(),
         source.quoted(),
         keys.join(", "),
         casts.join(", "),
-        args.join(", "),
-        aliases.join(", "),
+        unnest_arrays(m.source_key.len(), 1),
         m.on_conflict()
     )
 }
