@@ -13,3 +13,19 @@ pub async fn hit(name: &str) {
         std::future::pending::<()>().await;
     }
 }
+
+/// True the first time in this process that the failpoint `name` is
+/// reached while armed (it prints `failpoint <name> reached`); false
+/// otherwise. For a fault the caller then makes itself, once, where the
+/// real one cannot be produced on demand.
+pub fn once(name: &str) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    if std::env::var("ROWSHIFT_FAILPOINT").as_deref() != Ok(name)
+        || FIRED.swap(true, Ordering::SeqCst)
+    {
+        return false;
+    }
+    eprintln!("failpoint {name} reached");
+    true
+}

@@ -34,6 +34,19 @@
 //! read again. When a partition is sought back, whatever the poll ahead
 //! holds of it is dropped with the rest of the partition's records, since
 //! the consumer returns them again from the stored position.
+//!
+//! # The watchdog
+//! A consumer was once seen to stop fetching without an error, after a
+//! broker that had lost acknowledged records came back (noida-db): its
+//! partitions re-sought, its polls empty for minutes while the log grew.
+//! When polls have come back empty for [`STALL_AFTER`] and an assigned
+//! partition's high watermark lies past its stored position, the applier
+//! fails with a transient error; the retry makes a new consumer, which
+//! rejoins the group and starts at the stored positions, so nothing is
+//! skipped or applied twice. A caught-up applier has nothing past its
+//! positions (the producer is idempotent, not transactional, so the log
+//! holds no control records), and a broker that is down answers no
+//! watermark query, which counts as "cannot tell".
 
 use super::Exit;
 use crate::error::{Error, Result};
@@ -56,6 +69,11 @@ use tokio_util::sync::CancellationToken;
 /// The fewest records per partition an applier keeps ready (see
 /// [`Fetching::prefetch`]).
 const MIN_PREFETCH: usize = 500;
+
+/// How long polls may come back empty while an assigned partition holds
+/// records past its stored position before the consumer is given up and
+/// made again (see "The watchdog" in the module docs).
+const STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// Applies the topic until cancelled, the pipeline ends or it is aborted.
 pub async fn run(
@@ -106,6 +124,10 @@ pub async fn run(
     let mut forward = true;
     // The next poll, made while the previous one was being applied.
     let mut ahead: Option<Polled> = None;
+    // Since when polls have come back empty, and when the watchdog last
+    // asked the broker.
+    let mut idle_since: Option<Instant> = None;
+    let mut stall_checked = Instant::now();
     tracing::info!(pipeline = %p.name, topic = %p.kafka_topic(), group = %p.kafka_group(), "applying from kafka");
     loop {
         if last_check.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
@@ -117,6 +139,7 @@ pub async fn run(
             }
         }
         if !forward {
+            idle_since = None;
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -140,6 +163,22 @@ pub async fn run(
         };
         reach.assigned(&consumer.take_assigned());
         reach.read(&polled);
+        if !polled.items.is_empty() {
+            idle_since = None;
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= STALL_AFTER
+            && stall_checked.elapsed() >= STALL_AFTER / 3
+        {
+            stall_checked = Instant::now();
+            let next: HashMap<i32, i64> =
+                positions.iter().map(|(part, p)| (*part, p.next)).collect();
+            if let Some((part, from, high)) = consumer.unread(&next) {
+                return Err(Error::Replication(format!(
+                    "the kafka consumer read nothing for {} s although partition {part} holds records \
+                     {from}..{high}; it is made again",
+                    STALL_AFTER.as_secs()
+                )));
+            }
+        }
         let mut first_attempt = true;
         loop {
             for (part, at) in reach.behind(&polled, &positions) {

@@ -291,6 +291,58 @@ async fn a_stopped_broker_loses_nothing() {
     fault(true).await;
 }
 
+/// An applier whose consumer stops fetching without an error (named
+/// stand-in: the failpoint `kafka:consumer-stops` pauses its partitions
+/// for good after its first records, as a consumer was once seen to stop
+/// after a broker outage) is replaced by the watchdog: the target ends
+/// equal to the source. Without the watchdog the applier waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_made_again() {
+    let registry = Registry::start();
+    let brokers = std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU");
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 10).await;
+    let name = format!("kstall_{}", db.tag);
+    let file = db.pipeline(
+        "items.yaml",
+        &kafka_items_pipeline(&name, &brokers, &registry.url, false),
+    );
+    let path = file.to_str().expect("path");
+    let writers = start_writers(&db, 17, 2, ITEMS).await;
+    let mut run = db.spawn_run(&file, "run");
+    wait_producing(&c, &name).await;
+    let mut apply = db.spawn_with(
+        &["apply", path],
+        "apply",
+        &[("ROWSHIFT_FAILPOINT", "kafka:consumer-stops")],
+    );
+    let log = db.dir.join("run-apply.log");
+    wait_for("the consumer to stop", Duration::from_secs(120), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint kafka:consumer-stops reached")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let statements = writers.stop().await;
+    assert!(
+        statements > 100,
+        "the writers ran only {statements} statements"
+    );
+    wait_caught_up(&c, &name, Duration::from_secs(180)).await;
+    assert_same(&c, &name).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("it is made again"),
+        "caught up without the watchdog replacing the stopped consumer"
+    );
+    kill(&mut apply);
+    kill(&mut run);
+    abort_deletes_topic(&db, &brokers, &name);
+    assert_no_leftovers(&c, &name).await;
+}
+
 async fn fault(stop_broker: bool) {
     let registry = Registry::start();
     // The outage needs a broker of the test's own that keeps its log on

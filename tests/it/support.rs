@@ -98,8 +98,14 @@ impl TestDb {
 
     /// Starts `rowshift ARGS` in the background (logs to a file in the test dir).
     pub fn spawn(&self, args: &[&str], tag: &str) -> Proc {
+        self.spawn_with(args, tag, &[])
+    }
+
+    /// As [`Self::spawn`], with extra environment variables.
+    pub fn spawn_with(&self, args: &[&str], tag: &str, env: &[(&str, &str)]) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("run-{tag}.log"))).expect("log file");
         self.command(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

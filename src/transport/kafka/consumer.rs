@@ -310,7 +310,36 @@ impl Consumer {
             }
             out.items.push(item);
         }
+        if !out.items.is_empty() && crate::failpoint::once("kafka:consumer-stops") {
+            // Named stand-in for a consumer that stops fetching without an
+            // error (seen once after a broker lost acknowledged records):
+            // every assigned partition is paused and never resumed.
+            if let Ok(assigned) = self.inner.assignment() {
+                let _ = self.inner.pause(&assigned);
+            }
+        }
         Ok(out)
+    }
+
+    /// The first partition assigned to this member whose log holds records
+    /// at or past `next[partition]`, as (partition, next, high watermark):
+    /// records a consumer that reads nothing should be reading. `None` also
+    /// when the broker cannot say (it is down: librdkafka reconnects).
+    pub fn unread(&self, next: &HashMap<i32, i64>) -> Option<(i32, i64, i64)> {
+        let assigned = self.inner.assignment().ok()?;
+        assigned
+            .elements_for_topic(&self.topic)
+            .iter()
+            .find_map(|e| {
+                let part = e.partition();
+                let (_, high) = crate::blocking::call(|| {
+                    self.inner
+                        .fetch_watermarks(&self.topic, part, Duration::from_secs(5))
+                })
+                .ok()?;
+                let from = next.get(&part).copied().unwrap_or(0);
+                (high > from).then_some((part, from, high))
+            })
     }
 
     /// The change event of a record's payload, through the plan of its
