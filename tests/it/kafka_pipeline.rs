@@ -291,11 +291,12 @@ async fn a_stopped_broker_loses_nothing() {
     fault(true).await;
 }
 
-/// An applier whose consumer stops fetching without an error (named
-/// stand-in: the failpoint `kafka:consumer-stops` pauses its partitions
-/// for good after its first records, as a consumer was once seen to stop
-/// after a broker outage) is replaced by the watchdog: the target ends
-/// equal to the source. Without the watchdog the applier waits forever.
+/// An applier whose consumer stops delivering without an error (named
+/// stand-in: after the failpoint `kafka:consumer-stops`, reached at its
+/// first records, every poll comes back empty, as a consumer was once seen
+/// to behave after a broker outage) is replaced by the watchdog: the
+/// target ends equal to the source. Without the watchdog the applier waits
+/// forever (checked: the test then times out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_reading_is_made_again() {
     let registry = Registry::start();

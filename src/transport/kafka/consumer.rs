@@ -20,6 +20,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,6 +155,8 @@ pub struct Consumer {
     /// Before `inner`: its wake thread holds the consumer, and is joined
     /// when this is dropped.
     idle: IdlePause,
+    /// Set by the failpoint `kafka:consumer-stops` only.
+    stopped: AtomicBool,
     inner: Arc<StreamConsumer<Assignments>>,
     assigned: Arc<Mutex<Vec<i32>>>,
     starts: Arc<Mutex<HashMap<i32, i64>>>,
@@ -234,6 +237,7 @@ impl Consumer {
             .map_err(|e| Error::Replication(format!("subscribe to {topic}: {e}")))?;
         Ok(Consumer {
             idle: IdlePause::new(idle_pause, topic, &inner),
+            stopped: AtomicBool::new(false),
             inner,
             assigned,
             starts,
@@ -260,6 +264,10 @@ impl Consumer {
         incarnation: Option<&str>,
     ) -> Result<Polled> {
         let mut out = Polled::default();
+        if self.stopped.load(Ordering::Relaxed) {
+            tokio::time::sleep(wait).await;
+            return Ok(out);
+        }
         let starts: HashMap<i32, i64> = self.starts.lock().map(|s| s.clone()).unwrap_or_default();
         if let Ok(mut plans) = self.plans.lock() {
             plans.retarget(layout);
@@ -311,12 +319,10 @@ impl Consumer {
             out.items.push(item);
         }
         if !out.items.is_empty() && crate::failpoint::once("kafka:consumer-stops") {
-            // Named stand-in for a consumer that stops fetching without an
+            // Named stand-in for a consumer that stops delivering without an
             // error (seen once after a broker lost acknowledged records):
-            // every assigned partition is paused and never resumed.
-            if let Ok(assigned) = self.inner.assignment() {
-                let _ = self.inner.pause(&assigned);
-            }
+            // from now on every poll comes back empty.
+            self.stopped.store(true, Ordering::Relaxed);
         }
         Ok(out)
     }
