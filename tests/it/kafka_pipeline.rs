@@ -291,6 +291,39 @@ async fn a_stopped_broker_loses_nothing() {
     fault(true).await;
 }
 
+/// A kafka pipeline over the items tables (no applier in `run`), two
+/// writers under way, `rowshift run` producing.
+struct Producing {
+    db: TestDb,
+    c: tokio_postgres::Client,
+    name: String,
+    file: std::path::PathBuf,
+    writers: Writers,
+    run: Proc,
+}
+
+async fn producing(prefix: &str, brokers: &str, registry: &Registry, seed: u64) -> Producing {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, ITEMS, 10).await;
+    let name = format!("{prefix}_{}", db.tag);
+    let file = db.pipeline(
+        "items.yaml",
+        &kafka_items_pipeline(&name, brokers, &registry.url, false),
+    );
+    let writers = start_writers(&db, seed, 2, ITEMS).await;
+    let run = db.spawn_run(&file, "run");
+    wait_producing(&c, &name).await;
+    Producing {
+        db,
+        c,
+        name,
+        file,
+        writers,
+        run,
+    }
+}
+
 /// An applier whose consumer stops delivering without an error (named
 /// stand-in: after the failpoint `kafka:consumer-stops`, reached at its
 /// first records, every poll comes back empty, as a consumer was once seen
@@ -301,18 +334,15 @@ async fn a_stopped_broker_loses_nothing() {
 async fn a_consumer_that_stops_reading_is_made_again() {
     let registry = Registry::start();
     let brokers = std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU");
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_tables(&c, ITEMS, 10).await;
-    let name = format!("kstall_{}", db.tag);
-    let file = db.pipeline(
-        "items.yaml",
-        &kafka_items_pipeline(&name, &brokers, &registry.url, false),
-    );
+    let Producing {
+        db,
+        c,
+        name,
+        file,
+        writers,
+        mut run,
+    } = producing("kstall", &brokers, &registry, 17).await;
     let path = file.to_str().expect("path");
-    let writers = start_writers(&db, 17, 2, ITEMS).await;
-    let mut run = db.spawn_run(&file, "run");
-    wait_producing(&c, &name).await;
     let mut apply = db.spawn_with(
         &["apply", path],
         "apply",
@@ -354,18 +384,15 @@ async fn fault(stop_broker: bool) {
         Some(b) => format!("127.0.0.1:{}", b.port),
         None => std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU"),
     };
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_tables(&c, ITEMS, 10).await;
-    let name = format!("kfault_{}", db.tag);
-    let file = db.pipeline(
-        "items.yaml",
-        &kafka_items_pipeline(&name, &brokers, &registry.url, false),
-    );
+    let Producing {
+        db,
+        c,
+        name,
+        file,
+        writers,
+        mut run,
+    } = producing("kfault", &brokers, &registry, 11).await;
     let path = file.to_str().expect("path");
-    let writers = start_writers(&db, 11, 2, ITEMS).await;
-    let mut run = db.spawn_run(&file, "run");
-    wait_producing(&c, &name).await;
     let mut first = db.spawn(&["apply", path], "apply-1");
     let mut second = db.spawn(&["apply", path], "apply-2");
     wait_for("the backfill to finish", Duration::from_secs(180), || {
