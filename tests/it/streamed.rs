@@ -172,6 +172,33 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
         .expect("count")
         .get(0);
     assert_eq!(rolled_back, 0, "rows of the rolled back savepoint landed");
+
+    // Once those transactions are over and the slot's restart position has
+    // passed them, the reader streams again (a CHECKPOINT logs the running
+    // transactions the restart position moves to).
+    let streaming_walsender = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+         AND query LIKE '%{slot}%' AND query LIKE '%streaming%'"
+    );
+    wait_for("streaming again", Duration::from_secs(90), || async {
+        c.batch_execute("CHECKPOINT").await.expect("checkpoint");
+        c.query_one(&streaming_walsender, &[])
+            .await
+            .expect("activity")
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    let streamed_before = streamed_txns(&c, &slot).await;
+    c.batch_execute("UPDATE items SET small = small + 1000")
+        .await
+        .expect("a large transaction after streaming came back");
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    assert!(
+        streamed_txns(&c, &slot).await > streamed_before,
+        "the large transaction after streaming came back was not streamed"
+    );
     let log = std::fs::read_to_string(db.dir.join("run-1.log")).unwrap_or_default();
     assert!(
         log.contains("no longer streamed"),

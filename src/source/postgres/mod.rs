@@ -5,6 +5,7 @@
 
 pub mod introspect;
 pub mod replication;
+pub mod restream;
 pub mod streamed;
 
 use crate::error::{Error, Result};

@@ -25,6 +25,7 @@
 //! the runtime. They keep the slot moving when the table is idle (other
 //! tables' WAL would otherwise pile up behind it) and measure end-to-end lag.
 
+use super::restream::Watch;
 use super::streamed::{Streams, Unstream};
 use crate::error::{Error, Result};
 use crate::model::{Cell, Change, ChangeEvent, Lsn, Row, SourceMsg};
@@ -94,28 +95,48 @@ pub async fn start(
         let mut decoder = Decoder::new(config.clone(), streaming.on);
         let mut events = first;
         let mut out = Vec::new();
+        // Set while streaming is given up: says when it may come back.
+        let mut watch: Option<Watch> = None;
         loop {
-            let halt = pump(&mut events, &mut decoder, &tx, &mut out).await;
+            let switch = pump(&mut events, &mut decoder, &tx, &mut out, watch.as_ref()).await;
             if let Err(e) = events.shutdown().await {
                 tracing::debug!(error = %e, "replication stream shutdown");
             }
             // Dropping the stream closes its connection; the walsender then
             // exits and lets go of the slot.
             drop(events);
-            let Some(Unstream(reason)) = halt else { break };
-            // The walsender sends every transaction committed after the last
-            // one passed on again, whole (see `streamed`).
-            tracing::info!(
-                slot = %config.slot,
-                reason = %reason,
-                "large transactions are no longer streamed while in progress; reconnecting"
-            );
-            if let Some(end) = decoder.unstream() {
-                if tx.send(end).await.is_err() {
-                    break;
+            // Either way the walsender sends every transaction committed
+            // after the last one passed on again (see `streamed`).
+            let mode = match switch {
+                None => break,
+                Some(Switch::Unstream(Unstream(reason))) => {
+                    tracing::info!(
+                        slot = %config.slot,
+                        reason = %reason,
+                        "large transactions are no longer streamed while in progress; reconnecting"
+                    );
+                    let xids = decoder.streams.xids();
+                    if let Some(end) = decoder.unstream() {
+                        if tx.send(end).await.is_err() {
+                            break;
+                        }
+                    }
+                    watch = Some(Watch::start(config.dsn.clone(), config.slot.clone(), xids));
+                    Streaming {
+                        on: false,
+                        work_mem_kb: None,
+                    }
                 }
-            }
-            events = match reopen(&config, decoder.resume, &feedback, &cancel).await {
+                Some(Switch::Restream) => {
+                    tracing::info!(
+                        slot = %config.slot,
+                        "the transactions that ended streaming are over; streaming large transactions again"
+                    );
+                    watch = None;
+                    streaming
+                }
+            };
+            events = match reopen(&config, mode, decoder.resume, &feedback, &cancel).await {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = tx.send(SourceMsg::Failed(e.to_string())).await;
@@ -205,21 +226,18 @@ async fn open(
     Ok(stream.into_stream(cancel.child_token()))
 }
 
-/// Opens a connection without streaming after one was shut down: the old
-/// walsender holds the slot until it has exited, which takes a moment.
+/// Opens a connection again after one was shut down: the old walsender
+/// holds the slot until it has exited, which takes a moment.
 async fn reopen(
     config: &ReaderConfig,
+    mode: Streaming,
     start_lsn: Option<Lsn>,
     feedback: &Arc<SharedLsnFeedback>,
     cancel: &CancellationToken,
 ) -> Result<EventStream> {
     let mut attempt = 0;
     loop {
-        let off = Streaming {
-            on: false,
-            work_mem_kb: None,
-        };
-        match open(config, off, start_lsn, feedback, cancel).await {
+        match open(config, mode, start_lsn, feedback, cancel).await {
             Ok(events) => return Ok(events),
             Err(e) if attempt < 40 && !cancel.is_cancelled() => {
                 attempt += 1;
@@ -231,14 +249,24 @@ async fn reopen(
     }
 }
 
+/// Why the reader reconnects.
+enum Switch {
+    /// Streaming must be given up.
+    Unstream(Unstream),
+    /// Streaming may come back (`watch` is ready).
+    Restream,
+}
+
 /// Decodes events and passes the messages on until the stream ends
-/// (`None`) or streaming must be given up.
+/// (`None`), streaming must be given up, or (between transactions) `watch`
+/// says it may come back.
 async fn pump(
     events: &mut EventStream,
     decoder: &mut Decoder,
     tx: &mpsc::Sender<SourceMsg>,
     out: &mut Vec<SourceMsg>,
-) -> Option<Unstream> {
+    watch: Option<&Watch>,
+) -> Option<Switch> {
     loop {
         let event = match events.next_event().await {
             Ok(e) => e,
@@ -250,7 +278,7 @@ async fn pump(
         };
         if let Err(halt) = decoder.decode(event.event_type, out) {
             match halt {
-                Halt::Unstream(u) => return Some(u),
+                Halt::Unstream(u) => return Some(Switch::Unstream(u)),
                 Halt::Failed(reason) => out.push(SourceMsg::Failed(reason)),
             }
         }
@@ -259,6 +287,11 @@ async fn pump(
             if tx.send(msg).await.is_err() || failed {
                 return None;
             }
+        }
+        // Only between transactions: everything up to `decoder.resume` has
+        // been passed on, and nothing after it.
+        if !decoder.in_transaction && watch.is_some_and(Watch::ready) {
+            return Some(Switch::Restream);
         }
     }
 }
@@ -289,6 +322,8 @@ struct Decoder {
     commit_lsn: Lsn,
     commit_ts_us: i64,
     xid: u32,
+    /// Between a `Begin` and its `Commit` (transactions sent whole).
+    in_transaction: bool,
     /// Transactions streamed in progress, kept until they commit.
     streams: Streams,
     /// Where a new connection starts: after the last commit (or heartbeat)
@@ -307,6 +342,7 @@ impl Decoder {
             commit_lsn: Lsn::ZERO,
             commit_ts_us: 0,
             xid: 0,
+            in_transaction: false,
             streams: Streams::new(limit, allow),
         }
     }
@@ -383,13 +419,15 @@ impl Decoder {
                 self.commit_lsn = Lsn(final_lsn.value());
                 self.commit_ts_us = commit_timestamp.timestamp_micros();
                 self.xid = transaction_id;
+                self.in_transaction = true;
                 return Ok(None);
             }
             EventType::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
                 return Ok(Some(SourceMsg::Commit {
                     lsn: Lsn(end_lsn.value()),
                     xid: self.xid,
-                }))
+                }));
             }
             EventType::Message {
                 prefix,

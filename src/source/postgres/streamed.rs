@@ -30,7 +30,9 @@
 //! each change), and buffers above their memory limit. The reader then
 //! reconnects without streaming from the position after the last commit it
 //! passed on; the walsender sends every later transaction whole, with rolled
-//! back subtransactions already left out.
+//! back subtransactions already left out. Streaming comes back once the
+//! transactions that caused this are over and can no longer be sent again
+//! (see [`super::restream`]); [`Streams::xids`] names them.
 
 use crate::model::{Change, EarlyEnd, Lsn, SourceMsg};
 use std::collections::HashMap;
@@ -198,6 +200,15 @@ impl Streams {
             });
         }
         Ok(())
+    }
+
+    /// The transactions streamed and not yet ended.
+    pub fn xids(&self) -> Vec<u32> {
+        let mut xids: Vec<u32> = self.open.keys().copied().collect();
+        xids.extend(self.early.iter().chain(self.current.iter()));
+        xids.sort_unstable();
+        xids.dedup();
+        xids
     }
 
     /// Drops every buffer (the reader reconnects). Returns the abort of the
