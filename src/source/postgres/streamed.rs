@@ -387,6 +387,28 @@ mod tests {
     }
 
     #[test]
+    fn xids_name_every_transaction_not_yet_ended() {
+        let allow = Arc::new(AtomicBool::new(true));
+        let mut s = Streams::new(1 << 20, Some(allow));
+        let mut out = Vec::new();
+        s.start(9, true, &mut out); // passed on early
+        s.push(change("e"), &mut out).unwrap();
+        s.stop();
+        s.start(4, true, &mut out); // kept; its block still being received
+        s.push(change("k"), &mut out).unwrap();
+        assert_eq!(s.xids(), [4, 9]);
+        s.stop();
+        s.start(6, true, &mut out);
+        s.stop();
+        s.commit(6, Lsn(1), 0, Lsn(2), &mut out);
+        s.start(4, false, &mut out);
+        s.stop();
+        assert_eq!(s.xids(), [4, 9], "6 has ended");
+        s.commit(9, Lsn(3), 0, Lsn(4), &mut out);
+        assert_eq!(s.xids(), [4]);
+    }
+
+    #[test]
     fn one_transaction_at_a_time_is_passed_on_early_once_allowed() {
         let allow = Arc::new(AtomicBool::new(false));
         let mut s = Streams::new(1 << 20, Some(allow.clone()));
