@@ -125,10 +125,7 @@ async fn run(
     // One untimed pass of the reference first: the first 2M-row write after
     // the load ran up to 1.5x slower than later ones (new WAL segments,
     // cold caches), and it fell on the reference, which opens each round.
-    src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
-        .await?;
-    src.batch_execute(&format!("INSERT INTO ref_v2 {MAPPED}; DROP TABLE ref_v2"))
-        .await?;
+    reference_insert(&src).await?;
     let mut backfills = Vec::new();
     let mut peak = 0.0f64;
     for round in 1..=rounds {
@@ -295,14 +292,8 @@ async fn measure_backfill(
     work: &Path,
     round: usize,
 ) -> Result<(f64, f64, f64)> {
-    src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
-        .await?;
     src.batch_execute("CHECKPOINT").await?;
-    let t = Instant::now();
-    src.batch_execute(&format!("INSERT INTO ref_v2 {MAPPED}"))
-        .await?;
-    let reference = t.elapsed().as_secs_f64();
-    src.batch_execute("DROP TABLE ref_v2").await?;
+    let reference = reference_insert(src).await?;
     src.batch_execute("CHECKPOINT").await?;
     let log = work.join(format!("backfill-{round}.log"));
     let mut child = rowshift(dsn, &["run", file, "--exit-when-caught-up"], &log)?;
@@ -328,6 +319,19 @@ async fn measure_backfill(
         .get(0);
     println!("backfill round {round}: rowshift {secs:.2} s, INSERT … SELECT {reference:.2} s");
     Ok((secs, reference, peak))
+}
+
+/// The reference: one `INSERT ... SELECT` of the mapped rows into a scratch
+/// table, which is dropped after. Returns the INSERT's seconds.
+async fn reference_insert(src: &Client) -> Result<f64> {
+    src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
+        .await?;
+    let t = Instant::now();
+    src.batch_execute(&format!("INSERT INTO ref_v2 {MAPPED}"))
+        .await?;
+    let secs = t.elapsed().as_secs_f64();
+    src.batch_execute("DROP TABLE ref_v2").await?;
+    Ok(secs)
 }
 
 /// The round with the median ratio (reference seconds over rowshift's), as

@@ -62,10 +62,6 @@ fn base(dir: &Path) {
     );
 }
 
-async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_status_history_and_rerun_is_a_noop() {
     let db = TestDb::new(MAIN).await;

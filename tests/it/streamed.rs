@@ -71,13 +71,7 @@ async fn wait_early_open(c: &tokio_postgres::Client, db: &TestDb) {
     wait_for(
         "an early apply transaction",
         Duration::from_secs(30),
-        || async {
-            c.query_one(&holding, &[])
-                .await
-                .expect("activity")
-                .get::<_, i64>(0)
-                > 0
-        },
+        || async { count(c, &holding).await > 0 },
     )
     .await;
 }
@@ -161,16 +155,13 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
         .expect("one more large transaction");
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
     assert_equal(&c, ITEMS_MAPPED, &name).await;
-    let rolled_back: i64 = c
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {name} WHERE small IN (-7, 93) OR id BETWEEN 40001 AND 44000"
-            ),
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let rolled_back = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM {name} WHERE small IN (-7, 93) OR id BETWEEN 40001 AND 44000"
+        ),
+    )
+    .await;
     assert_eq!(rolled_back, 0, "rows of the rolled back savepoint landed");
 
     // Once those transactions are over and the slot's restart position has
@@ -182,11 +173,7 @@ async fn transactions_streamed_in_progress_land_whole_and_only_when_committed() 
     );
     wait_for("streaming again", Duration::from_secs(90), || async {
         c.batch_execute("CHECKPOINT").await.expect("checkpoint");
-        c.query_one(&streaming_walsender, &[])
-            .await
-            .expect("activity")
-            .get::<_, i64>(0)
-            > 0
+        count(&c, &streaming_walsender).await > 0
     })
     .await;
     let streamed_before = streamed_txns(&c, &slot).await;

@@ -265,3 +265,8 @@ pub async fn backfill_finished(c: &Client, name: &str) -> bool {
     .flatten()
     .is_some()
 }
+
+/// The single bigint a query returns (`SELECT count(*) ...`).
+pub async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.expect(sql).get(0)
+}
