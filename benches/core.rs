@@ -10,7 +10,9 @@
 //!    (70 % updates, 20 % inserts, 10 % deletes) after the backfill.
 //!
 //! `BENCH_ROUNDS=N` (default 1) repeats each pair N times and reports the
-//! round with the median ratio, with every round's ratio.
+//! round with the median ratio, with every round's ratio. The order within a
+//! pair alternates: the reference first in odd rounds, rowshift first in
+//! even ones.
 //!
 //! Apply rates are timed between a start marker and an end marker becoming
 //! visible in each target (so neither side's start-up is counted). Lag is
@@ -124,7 +126,7 @@ async fn run(
     let file_arg = file.to_str().context("path")?;
     // One untimed pass of the reference first: the first 2M-row write after
     // the load ran up to 1.5x slower than later ones (new WAL segments,
-    // cold caches), and it fell on the reference, which opens each round.
+    // cold caches), and it fell on the reference, which opens round 1.
     reference_insert(&src).await?;
     let mut backfills = Vec::new();
     let mut peak = 0.0f64;
@@ -225,7 +227,8 @@ async fn run(
                 (&format!("start-{}", tag(1)), &format!("end-{}", tag(1))),
             )
             .await?;
-            single.push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(1)).await?);
+            single
+                .push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(1), round % 2 == 1).await?);
 
             // 2b. One transaction of 200k rows (bracketed by markers).
             settle_slots(&dsn, wfile, work, &src, &sub).await?;
@@ -241,7 +244,8 @@ async fn run(
                 tag(2)
             ))
             .await?;
-            large.push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(2)).await?);
+            large
+                .push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(2), round % 2 == 1).await?);
         }
         let (ours, theirs, all) = median_round(&single);
         results.add(
@@ -282,9 +286,10 @@ async fn run(
 }
 
 /// One round of the backfill measure: `INSERT ... SELECT` into a scratch
-/// table, then rowshift's backfill of the same rows, each after a
-/// CHECKPOINT. Returns (rowshift's seconds, the reference's seconds,
-/// rowshift's peak RSS in MiB).
+/// table and rowshift's backfill of the same rows, each after a CHECKPOINT;
+/// the reference goes first in odd rounds and second in even ones, so that
+/// neither side always inherits the other's dirty buffers. Returns
+/// (rowshift's seconds, the reference's seconds, rowshift's peak RSS in MiB).
 async fn measure_backfill(
     src: &Client,
     dsn: &str,
@@ -292,8 +297,12 @@ async fn measure_backfill(
     work: &Path,
     round: usize,
 ) -> Result<(f64, f64, f64)> {
-    src.batch_execute("CHECKPOINT").await?;
-    let reference = reference_insert(src).await?;
+    let reference_first = round % 2 == 1;
+    let mut reference = 0.0;
+    if reference_first {
+        src.batch_execute("CHECKPOINT").await?;
+        reference = reference_insert(src).await?;
+    }
     src.batch_execute("CHECKPOINT").await?;
     let log = work.join(format!("backfill-{round}.log"));
     let mut child = rowshift(dsn, &["run", file, "--exit-when-caught-up"], &log)?;
@@ -317,6 +326,10 @@ async fn measure_backfill(
         )
         .await?
         .get(0);
+    if !reference_first {
+        src.batch_execute("CHECKPOINT").await?;
+        reference = reference_insert(src).await?;
+    }
     println!("backfill round {round}: rowshift {secs:.2} s, INSERT … SELECT {reference:.2} s");
     Ok((secs, reference, peak))
 }
@@ -404,8 +417,11 @@ async fn settle_slots(
     Ok(())
 }
 
-/// Seconds from the start marker to the end marker, for rowshift and then
-/// for the subscription, consuming the same backlog back to back.
+/// Seconds from the start marker to the end marker, for rowshift and for
+/// the subscription, consuming the same backlog back to back: rowshift
+/// first when `ours_first`, else the subscription first (the rounds
+/// alternate, so that neither side always runs second on a source cluster
+/// the other has just written to).
 async fn measure_apply(
     dsn: &str,
     file: &str,
@@ -413,23 +429,32 @@ async fn measure_apply(
     src: &Client,
     sub: &Client,
     tag: &str,
+    ours_first: bool,
 ) -> Result<(f64, f64)> {
     let start = format!("start-{tag}");
     let end = format!("end-{tag}");
     let target = connect(dsn).await?;
-    let child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
-    let t0 = wait_note(&target, "orders_v2", 2, &start, Duration::from_secs(300)).await?;
-    let t1 = wait_note(&target, "orders_v2", 1, &end, Duration::from_secs(600)).await?;
-    drop(child);
-    wait_slot_inactive(src, "rowshift_bench_orders").await?;
-    let ours = (t1 - t0).as_secs_f64();
-
-    sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
-        .await?;
-    let s0 = wait_note(sub, "orders", 2, &start, Duration::from_secs(300)).await?;
-    let s1 = wait_note(sub, "orders", 1, &end, Duration::from_secs(900)).await?;
-    sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
-        .await?;
-    wait_slot_inactive(src, "ref_sub").await?;
-    Ok((ours, (s1 - s0).as_secs_f64()))
+    let mut ours = 0.0;
+    let mut theirs = 0.0;
+    for turn in [ours_first, !ours_first] {
+        if turn {
+            let child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
+            let t0 = wait_note(&target, "orders_v2", 2, &start, Duration::from_secs(300)).await?;
+            let t1 = wait_note(&target, "orders_v2", 1, &end, Duration::from_secs(600)).await?;
+            drop(child);
+            wait_slot_inactive(src, "rowshift_bench_orders").await?;
+            ours = (t1 - t0).as_secs_f64();
+        } else {
+            sub.batch_execute("ALTER SUBSCRIPTION ref_sub ENABLE")
+                .await?;
+            let s0 = wait_note(sub, "orders", 2, &start, Duration::from_secs(300)).await?;
+            let s1 = wait_note(sub, "orders", 1, &end, Duration::from_secs(900)).await?;
+            sub.batch_execute("ALTER SUBSCRIPTION ref_sub DISABLE")
+                .await?;
+            wait_slot_inactive(src, "ref_sub").await?;
+            theirs = (s1 - s0).as_secs_f64();
+        }
+    }
+    println!("apply {tag}: rowshift {ours:.2} s, built-in {theirs:.2} s");
+    Ok((ours, theirs))
 }
