@@ -297,12 +297,27 @@ async fn measure_backfill(
     work: &Path,
     round: usize,
 ) -> Result<(f64, f64, f64)> {
-    let reference_first = round % 2 == 1;
-    let mut reference = 0.0;
-    if reference_first {
-        src.batch_execute("CHECKPOINT").await?;
-        reference = reference_insert(src).await?;
-    }
+    let (secs, reference, peak) = if round % 2 == 1 {
+        let reference = reference_insert(src).await?;
+        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round).await?;
+        (secs, reference, peak)
+    } else {
+        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round).await?;
+        (secs, reference_insert(src).await?, peak)
+    };
+    println!("backfill round {round}: rowshift {secs:.2} s, INSERT … SELECT {reference:.2} s");
+    Ok((secs, reference, peak))
+}
+
+/// rowshift's backfill, after a CHECKPOINT, timed by the server. Returns
+/// (its seconds, the process's peak RSS in MiB).
+async fn rowshift_backfill(
+    src: &Client,
+    dsn: &str,
+    file: &str,
+    work: &Path,
+    round: usize,
+) -> Result<(f64, f64)> {
     src.batch_execute("CHECKPOINT").await?;
     let log = work.join(format!("backfill-{round}.log"));
     let mut child = rowshift(dsn, &["run", file, "--exit-when-caught-up"], &log)?;
@@ -326,17 +341,14 @@ async fn measure_backfill(
         )
         .await?
         .get(0);
-    if !reference_first {
-        src.batch_execute("CHECKPOINT").await?;
-        reference = reference_insert(src).await?;
-    }
-    println!("backfill round {round}: rowshift {secs:.2} s, INSERT … SELECT {reference:.2} s");
-    Ok((secs, reference, peak))
+    Ok((secs, peak))
 }
 
-/// The reference: one `INSERT ... SELECT` of the mapped rows into a scratch
-/// table, which is dropped after. Returns the INSERT's seconds.
+/// The reference: after a CHECKPOINT, one `INSERT ... SELECT` of the
+/// mapped rows into a scratch table, which is dropped after. Returns the
+/// INSERT's seconds.
 async fn reference_insert(src: &Client) -> Result<f64> {
+    src.batch_execute("CHECKPOINT").await?;
     src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
         .await?;
     let t = Instant::now();
