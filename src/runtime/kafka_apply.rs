@@ -36,18 +36,10 @@
 //! the consumer returns them again from the stored position.
 //!
 //! # The watchdog
-//! A consumer was once seen to stop fetching without an error, after a
-//! broker that had lost acknowledged records came back (noida-db): its
-//! partitions re-sought, its polls empty for minutes while the log grew.
-//! When polls have come back empty for [`STALL_AFTER`] and an assigned
-//! partition's high watermark lies past its stored position, the applier
-//! fails with a transient error; the retry makes a new consumer, which
-//! rejoins the group and starts at the stored positions, so nothing is
-//! skipped or applied twice. A caught-up applier has nothing past its
-//! positions (the producer is idempotent, not transactional, so the log
-//! holds no control records), and a broker that is down answers no
-//! watermark query, which counts as "cannot tell".
+//! A consumer that stops delivering a partition without an error is made
+//! again; see [`super::kafka_watch`].
 
+use super::kafka_watch::{Report, Watchdog};
 use super::Exit;
 use crate::error::{Error, Result};
 use crate::model::{now_us, ChangeEvent};
@@ -69,11 +61,6 @@ use tokio_util::sync::CancellationToken;
 /// The fewest records per partition an applier keeps ready (see
 /// [`Fetching::prefetch`]).
 const MIN_PREFETCH: usize = 500;
-
-/// How long polls may come back empty while an assigned partition holds
-/// records past its stored position before the consumer is given up and
-/// made again (see "The watchdog" in the module docs).
-const STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// Applies the topic until cancelled, the pipeline ends or it is aborted.
 pub async fn run(
@@ -124,10 +111,8 @@ pub async fn run(
     let mut forward = true;
     // The next poll, made while the previous one was being applied.
     let mut ahead: Option<Polled> = None;
-    // Since when polls have come back empty, and when the watchdog last
-    // asked the broker.
-    let mut idle_since: Option<Instant> = None;
-    let mut stall_checked = Instant::now();
+    let mut watchdog = Watchdog::new();
+    let mut report = Report::new();
     tracing::info!(pipeline = %p.name, topic = %p.kafka_topic(), group = %p.kafka_group(), "applying from kafka");
     loop {
         if last_check.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
@@ -139,7 +124,7 @@ pub async fn run(
             }
         }
         if !forward {
-            idle_since = None;
+            watchdog.idle();
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -163,22 +148,9 @@ pub async fn run(
         };
         reach.assigned(&consumer.take_assigned());
         reach.read(&polled);
-        if !polled.items.is_empty() {
-            idle_since = None;
-        } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= STALL_AFTER
-            && stall_checked.elapsed() >= STALL_AFTER / 3
-        {
-            stall_checked = Instant::now();
-            let next: HashMap<i32, i64> =
-                positions.iter().map(|(part, p)| (*part, p.next)).collect();
-            if let Some((part, from, high)) = consumer.unread(&next) {
-                return Err(Error::Replication(format!(
-                    "the kafka consumer read nothing for {} s although partition {part} holds records \
-                     {from}..{high}; it is made again",
-                    STALL_AFTER.as_secs()
-                )));
-            }
-        }
+        report.due(&p.name, &consumer, &positions);
+        watchdog.read(&polled);
+        watchdog.check(&control, &p.name, &consumer).await?;
         let mut first_attempt = true;
         loop {
             for (part, at) in reach.behind(&polled, &positions) {
@@ -218,7 +190,8 @@ pub async fn run(
             } else {
                 apply(p, &control, &mut sink, &me, &polled, &mut positions, &reach).await?
             };
-            if applied {
+            if let Some(events) = applied {
+                report.events += events;
                 consumer.commit(&polled.next, false)?;
                 tracing::debug!(
                     pipeline = %p.name,
@@ -318,7 +291,8 @@ async fn wanted(control: &Client, name: &str) -> Result<Option<Exit>> {
 
 /// Applies one poll: the records at or past each partition's stored
 /// position, with the claim of those positions in the same transaction.
-/// `false`: a position was rewound meanwhile; screen the poll again.
+/// Returns the events applied; `None`: a position was rewound meanwhile;
+/// screen the poll again.
 async fn apply(
     p: &Pipeline,
     control: &Client,
@@ -327,7 +301,7 @@ async fn apply(
     polled: &Polled,
     positions: &mut HashMap<i32, Position>,
     reach: &Reach,
-) -> Result<bool> {
+) -> Result<Option<usize>> {
     'attempt: for attempt in 0..20 {
         let mut parts: BTreeMap<i32, PartBatch> = BTreeMap::new();
         let mut events: Vec<ChangeEvent> = Vec::new();
@@ -337,7 +311,7 @@ async fn apply(
                 // or the producer created its row after we loaded).
                 *positions = state::kafka::applied(control, &p.name).await?;
                 if reach.rewound(positions) {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 if !positions.contains_key(&item.partition) {
                     return Err(Error::State(format!(
@@ -364,11 +338,12 @@ async fn apply(
             }
         }
         if parts.is_empty() {
-            return Ok(true);
+            return Ok(Some(0));
         }
         let lag = events
             .last()
             .map(|e| ((now_us() - e.commit_ts_us) / 1000).max(0));
+        let applied = events.len();
         let batch: Vec<PartBatch> = parts.values().copied().collect();
         let claim = state::kafka::claim(&p.name, me, &batch, lag);
         match sink.apply_claimed(events, &claim).await {
@@ -378,7 +353,7 @@ async fn apply(
                         pos.next = b.next;
                     }
                 }
-                return Ok(true);
+                return Ok(Some(applied));
             }
             Err(e) if moved(&e) => {
                 // Another applier moved a partition (or the stream was
@@ -387,10 +362,10 @@ async fn apply(
                 tracing::debug!(pipeline = %p.name, attempt, "kafka positions moved; reloading");
                 *positions = state::kafka::applied(control, &p.name).await?;
                 if wanted(control, &p.name).await?.is_some() {
-                    return Ok(true);
+                    return Ok(Some(0));
                 }
                 if reach.rewound(positions) {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(e),

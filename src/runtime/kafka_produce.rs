@@ -55,9 +55,11 @@ struct Carried {
     /// A backfill chunk ended in this batch: its cursor, whether it ended
     /// the range, and the rows produced.
     chunk: Option<(Option<Key>, bool, usize)>,
-    /// A repair chunk this batch carried: the request, the rows written
-    /// and deleted, and the range's next `lo` (`None`: the range is done).
-    repair: Option<(i64, usize, usize, Option<Key>)>,
+    /// The repair chunks this batch carried, in the order they closed
+    /// (several can: a repair range's chunks are read ahead): each one's
+    /// request, the rows written and deleted, and the range's next `lo`
+    /// (`None`: the range is done).
+    repair: Vec<(i64, usize, usize, Option<Key>)>,
 }
 
 struct Inflight {
@@ -295,7 +297,7 @@ pub async fn run(
                             tracing::info!(pipeline = %p.name, rows = range.rows_copied, "backfill produced; waiting for the appliers to catch up");
                         }
                     }
-                    if let Some((id, written, deleted, next)) = &carried.repair {
+                    for (id, written, deleted, next) in &carried.repair {
                         repairs_open = repairs_open.saturating_sub(1);
                         control
                             .execute(
@@ -357,7 +359,7 @@ pub async fn run(
                     }
                     frames = out.frames;
                     let pending = producer.close(out.batch);
-                    if pending.is_some() || carried.ack.is_some() || carried.chunk.is_some() || carried.repair.is_some() {
+                    if pending.is_some() || carried.ack.is_some() || carried.chunk.is_some() || !carried.repair.is_empty() {
                         inflight_tx
                             .send(Inflight { pending, carried })
                             .await
@@ -536,7 +538,9 @@ async fn close_chunk(
         produce(&e, false, now / 1000, codec, out).await?;
     }
     match o.repair {
-        Some(id) => carried.repair = Some((id, n, deleted, if done { None } else { cursor })),
+        Some(id) => carried
+            .repair
+            .push((id, n, deleted, if done { None } else { cursor })),
         None => {
             // Chunks close in the order they were read: the last one's
             // cursor covers the earlier ones of this batch.

@@ -17,6 +17,7 @@ pub mod kafka_apply;
 mod kafka_chunks;
 mod kafka_produce;
 pub mod kafka_schema;
+mod kafka_watch;
 mod progress;
 
 pub use apply_loop::Stream;

@@ -1,19 +1,24 @@
 //! Pipelines on the kafka transport against real brokers (tansu and
 //! noida-db) and the fixture registry: the consistency torture test with
-//! two appliers on each broker, stock clients reading the pipeline's topic,
-//! a column added to the source (a new schema version), and the fault
-//! tests (an applier killed, the broker stopped for 20 s). Every check is a
-//! full comparison of the target with the mapped source.
+//! two appliers on each broker, stock clients reading the pipeline's topic
+//! and a column added to the source (a new schema version); the fault tests
+//! are in `kafka_faults`. Every check is a full comparison of the target
+//! with the mapped source.
 
 use crate::registry::Registry;
 use crate::support::*;
 use crate::workload::*;
 use std::time::Duration;
 
-const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
-const ITEMS: i64 = 20_000;
+pub(crate) const MAIN: &str = "ROWSHIFT_TEST_PG_PORT";
+pub(crate) const ITEMS: i64 = 20_000;
 
-fn kafka_items_pipeline(name: &str, brokers: &str, registry: &str, apply_in_run: bool) -> String {
+pub(crate) fn kafka_items_pipeline(
+    name: &str,
+    brokers: &str,
+    registry: &str,
+    apply_in_run: bool,
+) -> String {
     format!(
         "{}transport:\n  kind: kafka\n  kafka:\n    brokers: \"{brokers}\"\n    registry_url: \"{registry}\"\n    \
          partitions: 4\n    apply_in_run: {apply_in_run}\n    properties: {{ client.id: rowshift-test }}\n",
@@ -22,7 +27,7 @@ fn kafka_items_pipeline(name: &str, brokers: &str, registry: &str, apply_in_run:
 }
 
 /// Waits until `rowshift run` has set up the topic's partitions.
-async fn wait_producing(c: &tokio_postgres::Client, name: &str) {
+pub(crate) async fn wait_producing(c: &tokio_postgres::Client, name: &str) {
     wait_for("the pipeline to start", Duration::from_secs(60), || async {
         c.query_opt(
             "SELECT 1 FROM rowshift.kafka_applied WHERE pipeline = $1 LIMIT 1",
@@ -36,7 +41,7 @@ async fn wait_producing(c: &tokio_postgres::Client, name: &str) {
     .await;
 }
 
-async fn assert_same(c: &tokio_postgres::Client, target: &str) {
+pub(crate) async fn assert_same(c: &tokio_postgres::Client, target: &str) {
     if let Some(d) = diff(c, ITEMS_MAPPED, target).await {
         panic!("target {target} differs from the mapped source:\n{d}");
     }
@@ -220,230 +225,6 @@ async fn torture(broker_var: &str, seed: u64, writers: u64) {
     assert_no_leftovers(&c, &name).await;
 }
 
-fn kafka_sh(args: &[&str]) {
-    let out = std::process::Command::new("bash")
-        .arg(format!("{}/scripts/kafka.sh", env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .output()
-        .expect("kafka.sh");
-    assert!(out.status.success(), "kafka.sh {args:?}: {}", stderr(&out));
-}
-
-/// A broker of this test's own (noida-db keeps its log on disk, so it can
-/// be stopped and started again); stopped when dropped.
-struct Broker {
-    dir: String,
-    port: String,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port()
-            .to_string();
-        let dir = std::env::temp_dir()
-            .join(format!("rowshift-broker-{port}"))
-            .display()
-            .to_string();
-        kafka_sh(&["start", "noida", &dir, &port]);
-        Broker { dir, port }
-    }
-
-    fn stop(&self) {
-        kafka_sh(&["stop", &self.dir]);
-    }
-
-    fn restart(&self) {
-        kafka_sh(&["start", "noida", &self.dir, &self.port]);
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Two `rowshift apply` processes share the stream; one is killed (-9) in
-/// the middle of it: the other takes its partitions over and the target
-/// ends equal to the source.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_applier_loses_nothing() {
-    fault(false).await;
-}
-
-/// As above, and then the broker is stopped for 20 s while the writes go
-/// on. The slot must not confirm changes the broker never acknowledged,
-/// and at the end the target must equal the source. noida-db loses the
-/// producer state and the last records it acknowledged when it stops; the
-/// producer fails (OutOfOrderSequence), restarts from the slot, finds the
-/// offsets reused, moves the appliers back and reads the table again.
-/// The applier that was backing off meanwhile falls some hundred MB behind
-/// (the table read again through the topic), and noida-db answers its next
-/// fetch with all of it in one response, ignoring the fetch size limits:
-/// this is what rowshift's default `receive.message.max.bytes` is for (see
-/// `a_fetch_response_over_the_client_limit_is_named`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_broker_loses_nothing() {
-    fault(true).await;
-}
-
-/// A kafka pipeline over the items tables (no applier in `run`), two
-/// writers under way, `rowshift run` producing.
-struct Producing {
-    db: TestDb,
-    c: tokio_postgres::Client,
-    name: String,
-    file: std::path::PathBuf,
-    writers: Writers,
-    run: Proc,
-}
-
-async fn producing(prefix: &str, brokers: &str, registry: &Registry, seed: u64) -> Producing {
-    let db = TestDb::new(MAIN).await;
-    let c = db.client().await;
-    create_tables(&c, ITEMS, 10).await;
-    let name = format!("{prefix}_{}", db.tag);
-    let file = db.pipeline(
-        "items.yaml",
-        &kafka_items_pipeline(&name, brokers, &registry.url, false),
-    );
-    let writers = start_writers(&db, seed, 2, ITEMS).await;
-    let run = db.spawn_run(&file, "run");
-    wait_producing(&c, &name).await;
-    Producing {
-        db,
-        c,
-        name,
-        file,
-        writers,
-        run,
-    }
-}
-
-/// An applier whose consumer stops delivering without an error (named
-/// stand-in: after the failpoint `kafka:consumer-stops`, reached at its
-/// first records, every poll comes back empty, as a consumer was once seen
-/// to behave after a broker outage) is replaced by the watchdog: the
-/// target ends equal to the source. Without the watchdog the applier waits
-/// forever (checked: the test then times out).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_that_stops_reading_is_made_again() {
-    let registry = Registry::start();
-    let brokers = std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU");
-    let Producing {
-        db,
-        c,
-        name,
-        file,
-        writers,
-        mut run,
-    } = producing("kstall", &brokers, &registry, 17).await;
-    let path = file.to_str().expect("path");
-    let mut apply = db.spawn_with(
-        &["apply", path],
-        "apply",
-        &[("ROWSHIFT_FAILPOINT", "kafka:consumer-stops")],
-    );
-    let log = db.dir.join("run-apply.log");
-    wait_for("the consumer to stop", Duration::from_secs(120), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("failpoint kafka:consumer-stops reached")
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let statements = writers.stop().await;
-    assert!(
-        statements > 100,
-        "the writers ran only {statements} statements"
-    );
-    wait_caught_up(&c, &name, Duration::from_secs(180)).await;
-    assert_same(&c, &name).await;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        text.contains("it is made again"),
-        "caught up without the watchdog replacing the stopped consumer"
-    );
-    kill(&mut apply);
-    kill(&mut run);
-    abort_deletes_topic(&db, &brokers, &name);
-    assert_no_leftovers(&c, &name).await;
-}
-
-async fn fault(stop_broker: bool) {
-    let registry = Registry::start();
-    // The outage needs a broker of the test's own that keeps its log on
-    // disk (noida-db); the applier kill runs on tansu, whose group
-    // coordinator expires a killed member after its session timeout.
-    let broker = stop_broker.then(Broker::start);
-    let brokers = match &broker {
-        Some(b) => format!("127.0.0.1:{}", b.port),
-        None => std::env::var("ROWSHIFT_TEST_KAFKA_TANSU").expect("ROWSHIFT_TEST_KAFKA_TANSU"),
-    };
-    let Producing {
-        db,
-        c,
-        name,
-        file,
-        writers,
-        mut run,
-    } = producing("kfault", &brokers, &registry, 11).await;
-    let path = file.to_str().expect("path");
-    let mut first = db.spawn(&["apply", path], "apply-1");
-    let mut second = db.spawn(&["apply", path], "apply-2");
-    wait_for("the backfill to finish", Duration::from_secs(180), || {
-        backfill_finished(&c, &name)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    kill(&mut first);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    if let Some(b) = &broker {
-        broker_outage(&c, b, &name).await;
-    }
-    let statements = writers.stop().await;
-    assert!(
-        statements > 300,
-        "the writers ran only {statements} statements"
-    );
-    wait_caught_up(&c, &name, Duration::from_secs(240)).await;
-    assert_same(&c, &name).await;
-    kill(&mut second);
-    kill(&mut run);
-    abort_deletes_topic(&db, &brokers, &name);
-    assert_no_leftovers(&c, &name).await;
-}
-
-/// Stops the broker for 20 s; the slot must not pass what was written then.
-async fn broker_outage(c: &tokio_postgres::Client, broker: &Broker, name: &str) {
-    broker.stop();
-    let stopped_at: String = c
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let within: bool = c
-        .query_one(
-            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-            &[&stopped_at, &format!("rowshift_{name}")],
-        )
-        .await
-        .expect("slot")
-        .get(0);
-    assert!(
-        within,
-        "the slot confirmed changes made while the broker was down (past {stopped_at})"
-    );
-    broker.restart();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-}
-
 /// A column added to the source while the pipeline streams (noida-db):
 /// the records carry it from then on under a new, backward-compatible
 /// value schema version, a stock consumer decodes records of both versions,
@@ -542,7 +323,7 @@ async fn a_column_added_on_the_source_registers_a_new_version() {
 }
 
 /// `rowshift abort` removes the topic rowshift created, with the rest.
-fn abort_deletes_topic(db: &TestDb, brokers: &str, name: &str) {
+pub(crate) fn abort_deletes_topic(db: &TestDb, brokers: &str, name: &str) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let out = db.rowshift(&["abort", name]);
     assert!(out.status.success(), "abort: {}", stderr(&out));

@@ -6,6 +6,7 @@ mod cutover;
 mod cutover_crash;
 mod kafka;
 mod kafka_cutover;
+mod kafka_faults;
 mod kafka_pipeline;
 mod migrate;
 #[path = "../support/registry.rs"]

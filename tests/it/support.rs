@@ -121,8 +121,36 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.dir.display());
+            print_log_tails(&self.dir);
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The last lines of each process log in `dir`, for a failed test's
+/// output (CI keeps nothing else).
+fn print_log_tails(dir: &std::path::Path) {
+    const LINES: usize = 30;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "--- last {} of {} lines of {}",
+            LINES.min(lines.len()),
+            lines.len(),
+            log.display()
+        );
+        for line in &lines[lines.len().saturating_sub(LINES)..] {
+            eprintln!("{line}");
         }
     }
 }

@@ -20,7 +20,6 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,8 +154,9 @@ pub struct Consumer {
     /// Before `inner`: its wake thread holds the consumer, and is joined
     /// when this is dropped.
     idle: IdlePause,
-    /// Set by the failpoint `kafka:consumer-stops` only.
-    stopped: AtomicBool,
+    /// Set by the failpoints `kafka:consumer-stops` (every partition) and
+    /// `kafka:partition-stops` (one) only: see [`Stopped`].
+    stopped: Mutex<Stopped>,
     inner: Arc<StreamConsumer<Assignments>>,
     assigned: Arc<Mutex<Vec<i32>>>,
     starts: Arc<Mutex<HashMap<i32, i64>>>,
@@ -164,6 +164,17 @@ pub struct Consumer {
     topic: String,
     registry: SrSettings,
     plans: Mutex<Plans>,
+}
+
+/// A consumer a failpoint stopped: after `kafka:consumer-stops` every poll
+/// comes back empty; after `kafka:partition-stops` the records of the
+/// partition of the first record polled are never delivered again (as
+/// librdkafka was seen to do after a broker outage), while the others are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    No,
+    All,
+    Partition(i32),
 }
 
 /// Writer schemas compiled by registry id, for the layout's columns.
@@ -237,7 +248,7 @@ impl Consumer {
             .map_err(|e| Error::Replication(format!("subscribe to {topic}: {e}")))?;
         Ok(Consumer {
             idle: IdlePause::new(idle_pause, topic, &inner),
-            stopped: AtomicBool::new(false),
+            stopped: Mutex::new(Stopped::No),
             inner,
             assigned,
             starts,
@@ -264,7 +275,8 @@ impl Consumer {
         incarnation: Option<&str>,
     ) -> Result<Polled> {
         let mut out = Polled::default();
-        if self.stopped.load(Ordering::Relaxed) {
+        let stopped = self.stopped.lock().map(|s| *s).unwrap_or(Stopped::No);
+        if stopped == Stopped::All {
             tokio::time::sleep(wait).await;
             return Ok(out);
         }
@@ -286,6 +298,9 @@ impl Consumer {
                 Ok(Err(e)) => return Err(self.consume_error(e)),
                 Ok(Ok(m)) => m,
             };
+            if stopped == Stopped::Partition(msg.partition()) {
+                continue;
+            }
             out.next
                 .insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
             if out.items.is_empty() {
@@ -318,34 +333,35 @@ impl Consumer {
             }
             out.items.push(item);
         }
-        if !out.items.is_empty() && crate::failpoint::once("kafka:consumer-stops") {
-            // Named stand-in for a consumer that stops delivering without an
-            // error (seen once after a broker lost acknowledged records):
-            // from now on every poll comes back empty.
-            self.stopped.store(true, Ordering::Relaxed);
+        if let Some(first) = out.items.first() {
+            // Named stand-ins for a consumer that stops delivering without
+            // an error (see `runtime::kafka_watch`).
+            let stop = if crate::failpoint::once("kafka:consumer-stops") {
+                Some(Stopped::All)
+            } else if crate::failpoint::once("kafka:partition-stops") {
+                Some(Stopped::Partition(first.partition))
+            } else {
+                None
+            };
+            if let (Some(stop), Ok(mut s)) = (stop, self.stopped.lock()) {
+                *s = stop;
+            }
         }
         Ok(out)
     }
 
-    /// The first partition assigned to this member whose log holds records
-    /// at or past `next[partition]`, as (partition, next, high watermark):
-    /// records a consumer that reads nothing should be reading. `None` also
-    /// when the broker cannot say (it is down: librdkafka reconnects).
-    pub fn unread(&self, next: &HashMap<i32, i64>) -> Option<(i32, i64, i64)> {
-        let assigned = self.inner.assignment().ok()?;
-        assigned
-            .elements_for_topic(&self.topic)
-            .iter()
-            .find_map(|e| {
-                let part = e.partition();
-                let (_, high) = crate::blocking::call(|| {
-                    self.inner
-                        .fetch_watermarks(&self.topic, part, Duration::from_secs(5))
-                })
-                .ok()?;
-                let from = next.get(&part).copied().unwrap_or(0);
-                (high > from).then_some((part, from, high))
+    /// The partitions assigned to this member now (empty while it has none
+    /// or the group is rebalancing).
+    pub fn assignment(&self) -> Vec<i32> {
+        self.inner
+            .assignment()
+            .map(|a| {
+                a.elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect()
             })
+            .unwrap_or_default()
     }
 
     /// The change event of a record's payload, through the plan of its
