@@ -149,7 +149,7 @@ pub async fn run(
         reach.assigned(&consumer.take_assigned());
         reach.read(&polled);
         report.due(&p.name, &consumer, &positions);
-        watchdog.read(&polled);
+        watchdog.read(&polled, p.transport.batch_events);
         watchdog.check(&control, &p.name, &consumer).await?;
         let mut first_attempt = true;
         loop {

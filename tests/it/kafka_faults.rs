@@ -152,6 +152,18 @@ async fn a_consumer_that_stops_reading_one_partition_is_made_again() {
     );
 }
 
+/// An applier whose group never finishes assigning (named stand-in: after
+/// the failpoint `kafka:assignment-ignored` its consumer does not take up
+/// the partitions the coordinator gave it, as both members of a group on
+/// noida-db were once left with none for minutes) is made again by the
+/// watchdog, since records wait that nobody applies, and joins anew; the
+/// target ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_left_without_partitions_joins_again() {
+    let log = stalled_consumer("kafka:assignment-ignored", 23, true).await;
+    assert!(log.contains("joins the group anew"), "{log}");
+}
+
 /// An applier started with `failpoint`; the writers stop 5 s after it is
 /// reached, or with `while_writing` once the watchdog has replaced the
 /// consumer. The target must end equal to the source, with the watchdog's

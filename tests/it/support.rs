@@ -115,14 +115,15 @@ impl TestDb {
     }
 }
 
-/// A passing test's directory (pipeline files, process logs) goes; a
-/// failing test's stays for its logs, and its path is printed.
+/// A passing test's directory (pipeline files, process logs) goes, unless
+/// `ROWSHIFT_TEST_KEEP_LOGS` is set; a failing test's stays for its logs,
+/// its path is printed and so are the logs' last lines.
 impl Drop for TestDb {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("logs kept in {}", self.dir.display());
             print_log_tails(&self.dir);
-        } else {
+        } else if std::env::var_os("ROWSHIFT_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -87,6 +87,18 @@ impl ConsumerContext for Assignments {
             RebalanceProtocol::Cooperative
         );
         let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                if crate::failpoint::once("kafka:assignment-ignored") =>
+            {
+                // Named stand-in for a group that never finished assigning:
+                // the partitions the coordinator gave are not taken up.
+                let none = TopicPartitionList::new();
+                if cooperative {
+                    consumer.incremental_assign(&none)
+                } else {
+                    consumer.assign(&none)
+                }
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let parts: Vec<(String, i32)> = tpl
                     .elements()
