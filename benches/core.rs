@@ -43,12 +43,17 @@ const TARGET_DDL: &str = "CREATE TABLE public.orders_v2 (id bigint PRIMARY KEY, 
 
 const MAPPED: &str = "SELECT id, customer_id, round(amount * 100)::bigint, status, note, round(amount * 1.2, 2), created_at FROM orders";
 
+/// The bench's pipeline; `BENCH_TRANSPORT` adds transport settings (for
+/// trials, e.g. `queue_batches: 1`).
 fn pipeline(apply_workers: usize) -> String {
+    let extra = std::env::var("BENCH_TRANSPORT")
+        .map(|t| format!(", {t}"))
+        .unwrap_or_default();
     orders_pipeline(
         "bench_orders",
         TARGET_DDL,
         &format!(
-            "transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers} }}"
+            "transport: {{ kind: direct, batch_events: 10000, apply_workers: {apply_workers}{extra} }}"
         ),
     )
 }
@@ -115,6 +120,10 @@ async fn run(
         .get(0);
     println!("orders: {ROWS} rows, ~{bytes} bytes a row on disk");
 
+    // `BENCH_ONLY=large`: one backfill round, then the one-transaction apply
+    // measures alone (for trials of that figure).
+    let large_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "large");
+
     // 1. Backfill vs INSERT ... SELECT, back to back, `BENCH_ROUNDS` times.
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
@@ -130,7 +139,7 @@ async fn run(
     reference_insert(&src).await?;
     let mut backfills = Vec::new();
     let mut peak = 0.0f64;
-    for round in 1..=rounds {
+    for round in 1..=if large_only { 1 } else { rounds } {
         if round > 1 {
             // The previous round's pipeline: target, slot, publication, state.
             let log = work.join(format!("abort-{round}.log"));
@@ -218,17 +227,20 @@ async fn run(
         for round in 1..=rounds {
             let tag = |n: u32| format!("{n}w{workers}r{round}");
             // 2a. A backlog of single-row transactions, built while both consumers are stopped.
-            settle_slots(&dsn, wfile, work, &src, &sub).await?;
-            single_row_backlog(
-                &src,
-                source.port,
-                ROWS,
-                BACKLOG,
-                (&format!("start-{}", tag(1)), &format!("end-{}", tag(1))),
-            )
-            .await?;
-            single
-                .push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(1), round % 2 == 1).await?);
+            if !large_only {
+                settle_slots(&dsn, wfile, work, &src, &sub).await?;
+                single_row_backlog(
+                    &src,
+                    source.port,
+                    ROWS,
+                    BACKLOG,
+                    (&format!("start-{}", tag(1)), &format!("end-{}", tag(1))),
+                )
+                .await?;
+                single.push(
+                    measure_apply(&dsn, wfile, work, &src, &sub, &tag(1), round % 2 == 1).await?,
+                );
+            }
 
             // 2b. One transaction of 200k rows (bracketed by markers).
             settle_slots(&dsn, wfile, work, &src, &sub).await?;
@@ -247,16 +259,20 @@ async fn run(
             large
                 .push(measure_apply(&dsn, wfile, work, &src, &sub, &tag(2), round % 2 == 1).await?);
         }
-        let (ours, theirs, all) = median_round(&single);
-        results.add(
-            &format!("stream apply, 200k single-row transactions, apply_workers {workers}{all}"),
-            "≥ 1.2× reference",
-            format!(
-                "built-in logical replication {:.0} tx/s",
-                BACKLOG as f64 / theirs
-            ),
-            format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
-        );
+        if !large_only {
+            let (ours, theirs, all) = median_round(&single);
+            results.add(
+                &format!(
+                    "stream apply, 200k single-row transactions, apply_workers {workers}{all}"
+                ),
+                "≥ 1.2× reference",
+                format!(
+                    "built-in logical replication {:.0} tx/s",
+                    BACKLOG as f64 / theirs
+                ),
+                format!("{:.0} tx/s = {:.2}×", BACKLOG as f64 / ours, theirs / ours),
+            );
+        }
         let (ours, theirs, all) = median_round(&large);
         results.add(
             &format!("stream apply, one 200k-row transaction, apply_workers {workers}{all}"),
@@ -274,6 +290,9 @@ async fn run(
     }
 
     // 3. Lag under a steady 2,000 writes/s after the backfill.
+    if large_only {
+        return Ok(());
+    }
     let (p50, p99, max, n) =
         measure_lag(&dsn, file_arg, "orders_v2", ROWS, work, source.port, &src).await?;
     results.add(

@@ -145,7 +145,17 @@ pub(super) fn transport_field(top: &mut Fields, p: &mut Problems) -> Transport {
     let mut t = Fields::new("transport", top.get("transport"), p);
     let kind = t.string("kind", p).unwrap_or_else(|| "direct".into());
     let batch_events = t.integer("batch_events", 1, 1_000_000, p).unwrap_or(10_000) as usize;
-    let queue_batches = t.integer("queue_batches", 1, 1_024, p).unwrap_or(8) as usize;
+    // Default for `direct`: one batch. A deeper queue lets the walsender run
+    // ahead of the appliers, and once it has sent a large transaction it
+    // decodes rowshift's own target writes meanwhile, taking a core the
+    // appliers need (one 200k-row transaction, two connections: 1.57× the
+    // built-in with one batch, 1.36× with eight; docs/benchmarks.md). The
+    // kafka producer keeps eight: it applies nothing early, and a deeper
+    // queue smooths its sends.
+    let queue_default = if kind == "kafka" { 8 } else { 1 };
+    let queue_batches = t
+        .integer("queue_batches", 1, 1_024, p)
+        .unwrap_or(queue_default) as usize;
     let linger_ms = t.integer("linger_ms", 0, 1_000, p).unwrap_or(5);
     // Default: half the cores, 2 to 4. A connection costs rowshift little
     // (its work runs on one thread); the database and the walsender, which

@@ -50,6 +50,14 @@ fn a_good_file_compiles() {
     assert_eq!(p.backfill.rate_limit_rows_per_s, Some(500));
     assert_eq!(p.throttle.max_slot_lag_bytes, Some(1 << 30));
     assert_eq!(p.slot_name(), "rowshift_orders_v2");
+    // direct keeps one batch queued; an explicit setting wins.
+    assert_eq!(p.transport.queue_batches, 1);
+    let deeper = parse(
+        Path::new("p.yaml"),
+        &format!("{GOOD}transport: {{ queue_batches: 4 }}\n"),
+    )
+    .unwrap();
+    assert_eq!(deeper.transport.queue_batches, 4);
 }
 
 #[test]
@@ -175,6 +183,7 @@ fn the_kafka_section_has_defaults_and_checks() {
     assert_eq!((k.partitions, k.replication_factor), (6, 1));
     assert!(k.apply_in_run);
     assert_eq!(k.idle_fetch_pause_ms, 10);
+    assert_eq!(p.transport.queue_batches, 8);
     assert_eq!(p.kafka_topic(), "rowshift.orders_v2");
 
     let bad = format!(
