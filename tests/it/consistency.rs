@@ -169,7 +169,16 @@ async fn connections_terminated_mid_stream_are_resumed() {
     let writers = start_writers(&db, 11, 2, ITEMS).await;
     let mut run = db.spawn_run(&items, "1");
     wait_for("caught up", Duration::from_secs(60), || async {
-        exists(&c).await && phase(&c, &name).await.0 == "caught_up"
+        // The schema exists a moment before the pipeline's row does.
+        exists(&c).await
+            && c.query_opt(
+                "SELECT 1 FROM rowshift.pipelines WHERE name = $1 AND phase = 'caught_up'",
+                &[&name],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
     })
     .await;
     let before: i64 = pipeline_number(&c, &name, "events_applied").await;
