@@ -122,7 +122,8 @@ async fn run(
 
     // `BENCH_ONLY=large`: one backfill round, then the one-transaction apply
     // measures alone (for trials of that figure).
-    let large_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "large");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let large_only = only == "large";
 
     // 1. Backfill vs INSERT ... SELECT, back to back, `BENCH_ROUNDS` times.
     let rounds: usize = std::env::var("BENCH_ROUNDS")
@@ -137,24 +138,21 @@ async fn run(
     // the load ran up to 1.5x slower than later ones (new WAL segments,
     // cold caches), and it fell on the reference, which opens round 1.
     reference_insert(&src).await?;
+    // No autovacuum during the backfill rounds: a vacuum of the table one
+    // side just wrote ran into the other side's timed window.
+    set_autovacuum(&src, false).await?;
     let mut backfills = Vec::new();
     let mut peak = 0.0f64;
     for round in 1..=if large_only { 1 } else { rounds } {
-        if round > 1 {
-            // The previous round's pipeline: target, slot, publication, state.
-            let log = work.join(format!("abort-{round}.log"));
-            if !rowshift(&dsn, &["abort", "bench_orders"], &log)?
-                .0
-                .wait()?
-                .success()
-            {
-                bail!("rowshift abort failed; see {}", log.display());
-            }
-        }
         let (ours, theirs, round_peak) =
             measure_backfill(&src, &dsn, file_arg, work, round).await?;
         peak = peak.max(round_peak);
         backfills.push((ours, theirs));
+    }
+    set_autovacuum(&src, true).await?;
+    if only != "backfill" {
+        // The apply and lag measures run on a backfilled pipeline (untimed).
+        rowshift_backfill(&src, &dsn, file_arg, work, 0, false).await?;
     }
     let (secs, reference, all) = median_round(&backfills);
     results.add(
@@ -176,6 +174,10 @@ async fn run(
         "-".into(),
         format!("{peak:.1} MiB"),
     );
+    // `BENCH_ONLY=backfill`: the backfill rounds alone.
+    if only == "backfill" {
+        return Ok(());
+    }
 
     // The built-in reference: a subscription in the second cluster (initial copy not timed).
     let sub_admin = connect(&subscriber.dsn("postgres")).await?;
@@ -318,10 +320,10 @@ async fn measure_backfill(
 ) -> Result<(f64, f64, f64)> {
     let (secs, reference, peak) = if round % 2 == 1 {
         let reference = reference_insert(src).await?;
-        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round).await?;
+        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round, true).await?;
         (secs, reference, peak)
     } else {
-        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round).await?;
+        let (secs, peak) = rowshift_backfill(src, dsn, file, work, round, true).await?;
         (secs, reference_insert(src).await?, peak)
     };
     println!("backfill round {round}: rowshift {secs:.2} s, INSERT … SELECT {reference:.2} s");
@@ -329,15 +331,19 @@ async fn measure_backfill(
 }
 
 /// rowshift's backfill, after a CHECKPOINT, timed by the server. Returns
-/// (its seconds, the process's peak RSS in MiB).
+/// (its seconds, the process's peak RSS in MiB). With `abort` the pipeline
+/// is removed after (target, slot, publication, state), as the reference
+/// drops its table: a slot left behind holds the WAL it wrote, so the other
+/// side could not reuse those segments and had to create new ones.
 async fn rowshift_backfill(
     src: &Client,
     dsn: &str,
     file: &str,
     work: &Path,
     round: usize,
+    abort: bool,
 ) -> Result<(f64, f64)> {
-    src.batch_execute("CHECKPOINT").await?;
+    quiesce(src).await?;
     let log = work.join(format!("backfill-{round}.log"));
     let mut child = rowshift(dsn, &["run", file, "--exit-when-caught-up"], &log)?;
     let mut peak = 0.0f64;
@@ -360,6 +366,16 @@ async fn rowshift_backfill(
         )
         .await?
         .get(0);
+    if abort {
+        let log = work.join(format!("abort-{round}.log"));
+        if !rowshift(dsn, &["abort", "bench_orders"], &log)?
+            .0
+            .wait()?
+            .success()
+        {
+            bail!("rowshift abort failed; see {}", log.display());
+        }
+    }
     Ok((secs, peak))
 }
 
@@ -367,7 +383,7 @@ async fn rowshift_backfill(
 /// mapped rows into a scratch table, which is dropped after. Returns the
 /// INSERT's seconds.
 async fn reference_insert(src: &Client) -> Result<f64> {
-    src.batch_execute("CHECKPOINT").await?;
+    quiesce(src).await?;
     src.batch_execute(&TARGET_DDL.replace("public.orders_v2", "ref_v2"))
         .await?;
     let t = Instant::now();
@@ -378,13 +394,38 @@ async fn reference_insert(src: &Client) -> Result<f64> {
     Ok(secs)
 }
 
+/// Before each timed backfill side: a CHECKPOINT, then `sync`, so neither
+/// side inherits the other's dirty buffers or the kernel's writeback of them
+/// (the clusters run with `fsync = off`, so a CHECKPOINT alone leaves the
+/// pages dirty in the page cache).
+async fn quiesce(src: &Client) -> Result<()> {
+    src.batch_execute("CHECKPOINT").await?;
+    if !std::process::Command::new("sync").status()?.success() {
+        bail!("sync failed");
+    }
+    Ok(())
+}
+
+/// Turns the source cluster's autovacuum on or off.
+async fn set_autovacuum(src: &Client, on: bool) -> Result<()> {
+    // ALTER SYSTEM cannot share a multi-statement query (an implicit transaction).
+    src.batch_execute(&format!(
+        "ALTER SYSTEM SET autovacuum = {}",
+        if on { "on" } else { "off" }
+    ))
+    .await?;
+    src.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(())
+}
+
 /// The round with the median ratio (reference seconds over rowshift's), as
 /// (rowshift's seconds, the reference's seconds, a note listing every
 /// round's ratio when there was more than one).
 fn median_round(rounds: &[(f64, f64)]) -> (f64, f64, String) {
     let mut sorted = rounds.to_vec();
     sorted.sort_by(|a, b| (a.1 / a.0).total_cmp(&(b.1 / b.0)));
-    let (ours, theirs) = sorted[sorted.len() / 2];
+    // The lower middle for an even count.
+    let (ours, theirs) = sorted[(sorted.len() - 1) / 2];
     let note = if sorted.len() > 1 {
         let all: Vec<String> = sorted
             .iter()

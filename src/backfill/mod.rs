@@ -13,6 +13,12 @@
 //!   sink:    apply ≤e3 ─▶ [copy chunk, snapshot R] ─▶ apply e4, e5, e6 ...
 //! ```
 //!
+//! A backfill round copies chunks on all workers at once, and a worker
+//! starts its next chunk as soon as its last one commits, until a change
+//! batch is waiting; the round ends when its last chunk does, and only then
+//! is the batch applied. So the argument below holds for every chunk of a
+//! round, with P the sink's position when the round started.
+//!
 //! Let P be the sink's position when the copy starts (everything up to e3
 //! applied). Call a target row *convergent* if it equals the source row at
 //! some moment T and every change to that key after T is still to be
@@ -62,6 +68,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
+
+/// The chunks in flight: (range index, its connection, how long it took, result).
+type ChunkSet = JoinSet<(usize, PgSink, Duration, Result<(u64, Option<Key>, bool)>)>;
 
 /// Splits the key space into `workers` ranges of about equal row counts.
 pub async fn plan_ranges(
@@ -193,36 +202,30 @@ impl Backfill {
         self.not_before
     }
 
-    /// Copies one chunk of every unfinished range, in parallel, each with its
-    /// checkpoint in the same transaction. Returns the rows copied.
-    pub async fn round(&mut self) -> Result<u64> {
-        let started = Instant::now();
+    /// Copies chunks of the unfinished ranges, one at a time on each worker,
+    /// each chunk with its checkpoint in the same transaction. A worker whose
+    /// chunk ends starts its next one at once while `more()` says so (no
+    /// change batch waiting, the round's time not up) and the rate limit
+    /// allows, so the workers do not wait for each other between chunks. The
+    /// round returns when every chunk it started has ended: no apply runs
+    /// while a chunk does. Returns the rows copied.
+    pub async fn round(&mut self, mut more: impl FnMut() -> bool) -> Result<u64> {
         let mut set = JoinSet::new();
-        let workers = self.sinks.len().max(1);
-        for (i, range) in self.ranges.iter().enumerate() {
-            if range.done {
-                continue;
+        let mut busy = vec![false; self.ranges.len()];
+        for i in 0..self.ranges.len() {
+            if !self.ranges[i].done {
+                self.spawn(&mut set, i, &mut busy);
             }
-            let Some(mut sink) = self.sinks.get_mut(i % workers).and_then(Option::take) else {
-                continue;
-            };
-            let range = range.clone();
-            let name = self.name.clone();
-            let epoch = self.epoch;
-            let rows = self.chunk_rows as i64;
-            set.spawn(async move {
-                let result = copy_chunk(&mut sink, &name, epoch, &range, rows).await;
-                (i, sink, result)
-            });
         }
+        let workers = self.sinks.len().max(1);
         let mut copied = 0;
         let mut first_error = None;
         while let Some(joined) = set.join_next().await {
-            let Ok((i, sink, result)) = joined else {
+            let Ok((i, sink, took, result)) = joined else {
                 continue;
             };
-            let slot = i % self.sinks.len().max(1);
-            self.sinks[slot] = Some(sink);
+            busy[i] = false;
+            self.sinks[i % workers] = Some(sink);
             match result {
                 Ok((n, cursor, done)) => {
                     let r = &mut self.ranges[i];
@@ -231,6 +234,12 @@ impl Backfill {
                     r.rows_copied += n as i64;
                     r.chunks_done += 1;
                     copied += n;
+                    self.adapt(took);
+                    if first_error.is_none() && more() && self.allow_chunk() {
+                        if let Some(j) = self.next_range(i, &busy) {
+                            self.spawn(&mut set, j, &mut busy);
+                        }
+                    }
                 }
                 Err(e) => first_error = first_error.or(Some(e)),
             }
@@ -241,8 +250,40 @@ impl Backfill {
         if self.sinks.iter().any(Option::is_none) {
             return Err(crate::Error::State("a backfill worker task failed".into()));
         }
-        self.adapt(started.elapsed());
         Ok(copied)
+    }
+
+    /// Starts a chunk of range `i` on its worker's connection, if free.
+    fn spawn(&mut self, set: &mut ChunkSet, i: usize, busy: &mut [bool]) {
+        let workers = self.sinks.len().max(1);
+        let Some(mut sink) = self.sinks.get_mut(i % workers).and_then(Option::take) else {
+            return;
+        };
+        busy[i] = true;
+        let range = self.ranges[i].clone();
+        let name = self.name.clone();
+        let epoch = self.epoch;
+        let rows = self.chunk_rows as i64;
+        set.spawn(async move {
+            let started = Instant::now();
+            let result = copy_chunk(&mut sink, &name, epoch, &range, rows).await;
+            (i, sink, started.elapsed(), result)
+        });
+    }
+
+    fn next_range(&self, i: usize, busy: &[bool]) -> Option<usize> {
+        let done: Vec<bool> = self.ranges.iter().map(|r| r.done).collect();
+        next_range(&done, busy, self.sinks.len().max(1), i)
+    }
+
+    /// Whether the rate limit allows one more chunk now (a round's first
+    /// chunks are allowed by [`Backfill::due`]).
+    fn allow_chunk(&self) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let want = NonZeroU32::new(self.chunk_rows.max(1)).unwrap_or(NonZeroU32::MIN);
+        matches!(limiter.check_n(want), Ok(Ok(())))
     }
 
     fn adapt(&mut self, took: Duration) {
@@ -253,6 +294,16 @@ impl Backfill {
         let next = (self.chunk_rows as f64 * ratio.clamp(0.5, 2.0)) as u32;
         self.chunk_rows = next.clamp(100, 1_000_000);
     }
+}
+
+/// The range the worker that just finished range `i` copies next: the next
+/// unfinished, idle one sharing its connection (range `j` runs on worker
+/// `j % workers`), in turn; `i` itself when it is the only one.
+fn next_range(done: &[bool], busy: &[bool], workers: usize, i: usize) -> Option<usize> {
+    let n = done.len();
+    (1..=n)
+        .map(|k| (i + k) % n)
+        .find(|&j| j % workers == i % workers && !done[j] && !busy[j])
 }
 
 /// One chunk of one range: find the bound, copy, checkpoint.
@@ -273,4 +324,41 @@ async fn copy_chunk(
     let checkpoint = chunk_checkpoint(name, epoch, range.range_no, &cursor, done);
     let n = sink.copy_range(lo, hi.as_ref(), &checkpoint).await?;
     Ok((n, cursor, done))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_range;
+
+    #[test]
+    fn a_worker_keeps_its_own_range() {
+        // Two ranges, two workers: each worker goes on with its range until done.
+        assert_eq!(next_range(&[false, false], &[false, true], 2, 0), Some(0));
+        assert_eq!(next_range(&[true, false], &[false, true], 2, 0), None);
+    }
+
+    #[test]
+    fn ranges_sharing_a_worker_take_turns() {
+        // Four ranges on two workers: worker 0 has ranges 0 and 2.
+        let done = [false; 4];
+        assert_eq!(
+            next_range(&done, &[false, true, false, true], 2, 0),
+            Some(2)
+        );
+        assert_eq!(
+            next_range(&done, &[false, true, false, true], 2, 2),
+            Some(0)
+        );
+        // A finished range is skipped; the worker returns to the one left.
+        assert_eq!(
+            next_range(&[false, false, true, false], &[false; 4], 2, 0),
+            Some(0)
+        );
+        assert_eq!(
+            next_range(&[true, false, true, false], &[false; 4], 2, 2),
+            None
+        );
+        // One worker, three ranges: in turn.
+        assert_eq!(next_range(&[false; 3], &[false; 3], 1, 2), Some(0));
+    }
 }

@@ -144,7 +144,13 @@ pub async fn run(
             if !backfill.finished() && !paused {
                 throttled = throttler.check(&control).await?;
                 if throttled.is_none() && backfill.due() {
-                    backfill.round().await?;
+                    // A round lasts until a change batch waits, the
+                    // throttle is due another look, or a stop is asked.
+                    let round_started = Instant::now();
+                    let round_for = Duration::from_millis(p.throttle.check_interval_ms);
+                    backfill
+                        .round(|| !rx.ready() && !cancel.is_cancelled() && round_started.elapsed() < round_for)
+                        .await?;
                     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
                     if backfill.finished() {
                         // Before the end is recorded, so a transaction

@@ -172,6 +172,13 @@ impl Receiver {
         events.push(event);
     }
 
+    /// True when a batch could be handed over now or soon: something was
+    /// received and not yet taken. (The backfill stops starting chunks then,
+    /// so the stream is not held up.)
+    pub fn ready(&self) -> bool {
+        !self.queue.is_empty() || !self.pending.is_empty() || !self.rx.is_empty()
+    }
+
     fn take(&mut self) -> Batch {
         self.deadline = None;
         let mut batch = std::mem::take(&mut self.pending);
