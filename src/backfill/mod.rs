@@ -236,7 +236,8 @@ impl Backfill {
                     copied += n;
                     self.adapt(took);
                     if first_error.is_none() && more() && self.allow_chunk() {
-                        if let Some(j) = self.next_range(i, &busy) {
+                        let free = |j: usize| !self.ranges[j].done && !busy[j];
+                        if let Some(j) = next_range(self.ranges.len(), workers, i, free) {
                             self.spawn(&mut set, j, &mut busy);
                         }
                     }
@@ -271,11 +272,6 @@ impl Backfill {
         });
     }
 
-    fn next_range(&self, i: usize, busy: &[bool]) -> Option<usize> {
-        let done: Vec<bool> = self.ranges.iter().map(|r| r.done).collect();
-        next_range(&done, busy, self.sinks.len().max(1), i)
-    }
-
     /// Whether the rate limit allows one more chunk now (a round's first
     /// chunks are allowed by [`Backfill::due`]).
     fn allow_chunk(&self) -> bool {
@@ -297,13 +293,13 @@ impl Backfill {
 }
 
 /// The range the worker that just finished range `i` copies next: the next
-/// unfinished, idle one sharing its connection (range `j` runs on worker
-/// `j % workers`), in turn; `i` itself when it is the only one.
-fn next_range(done: &[bool], busy: &[bool], workers: usize, i: usize) -> Option<usize> {
-    let n = done.len();
+/// `free` (unfinished and idle) one of the `n` ranges sharing its connection
+/// (range `j` runs on worker `j % workers`), in turn; `i` itself when it is
+/// the only one.
+fn next_range(n: usize, workers: usize, i: usize, free: impl Fn(usize) -> bool) -> Option<usize> {
     (1..=n)
         .map(|k| (i + k) % n)
-        .find(|&j| j % workers == i % workers && !done[j] && !busy[j])
+        .find(|&j| j % workers == i % workers && free(j))
 }
 
 /// One chunk of one range: find the bound, copy, checkpoint.
@@ -328,37 +324,31 @@ async fn copy_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::next_range;
+    /// `next_range` over explicit flags.
+    fn next(done: &[bool], busy: &[bool], workers: usize, i: usize) -> Option<usize> {
+        super::next_range(done.len(), workers, i, |j| !done[j] && !busy[j])
+    }
 
     #[test]
     fn a_worker_keeps_its_own_range() {
         // Two ranges, two workers: each worker goes on with its range until done.
-        assert_eq!(next_range(&[false, false], &[false, true], 2, 0), Some(0));
-        assert_eq!(next_range(&[true, false], &[false, true], 2, 0), None);
+        assert_eq!(next(&[false, false], &[false, true], 2, 0), Some(0));
+        assert_eq!(next(&[true, false], &[false, true], 2, 0), None);
     }
 
     #[test]
     fn ranges_sharing_a_worker_take_turns() {
         // Four ranges on two workers: worker 0 has ranges 0 and 2.
         let done = [false; 4];
-        assert_eq!(
-            next_range(&done, &[false, true, false, true], 2, 0),
-            Some(2)
-        );
-        assert_eq!(
-            next_range(&done, &[false, true, false, true], 2, 2),
-            Some(0)
-        );
+        assert_eq!(next(&done, &[false, true, false, true], 2, 0), Some(2));
+        assert_eq!(next(&done, &[false, true, false, true], 2, 2), Some(0));
         // A finished range is skipped; the worker returns to the one left.
         assert_eq!(
-            next_range(&[false, false, true, false], &[false; 4], 2, 0),
+            next(&[false, false, true, false], &[false; 4], 2, 0),
             Some(0)
         );
-        assert_eq!(
-            next_range(&[true, false, true, false], &[false; 4], 2, 2),
-            None
-        );
+        assert_eq!(next(&[true, false, true, false], &[false; 4], 2, 2), None);
         // One worker, three ranges: in turn.
-        assert_eq!(next_range(&[false; 3], &[false; 3], 1, 2), Some(0));
+        assert_eq!(next(&[false; 3], &[false; 3], 1, 2), Some(0));
     }
 }
