@@ -64,6 +64,14 @@ pub enum Retry {
 }
 
 impl Error {
+    /// A write refused because a newer process holds the pipeline's epoch.
+    pub fn fenced() -> Error {
+        Error::Stopped(
+            "another rowshift process took this pipeline over (fenced); this one stops without writing"
+                .into(),
+        )
+    }
+
     pub fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
         let context = context.into();
         move |source| Error::Db { context, source }

@@ -165,6 +165,12 @@ fn render(p: &Pipeline, c: &Checked, resuming: bool) -> String {
     for s in &p.target_ddl {
         let _ = writeln!(out, "     {};", s.trim().trim_end_matches(';'));
     }
+    if p.backfill.defer_indexes {
+        let _ = writeln!(
+            out,
+            "     then record the target's indexes and index-backed constraints in rowshift.deferred_indexes and drop them (built again after the copy; kept for a partitioned target, an index replica identity or a referenced target)"
+        );
+    }
     let _ = writeln!(out, "3. publication:\n     {};", publication_sql(p));
     let _ = writeln!(
         out,
@@ -179,8 +185,15 @@ fn render(p: &Pipeline, c: &Checked, resuming: bool) -> String {
         b.chunk_rows,
         b.target_chunk_ms.map(|t| format!(" (adapting to ~{t} ms)")).unwrap_or_default(),
         b.rate_limit_rows_per_s.map(|r| format!(", at most {r} rows/s")).unwrap_or_default(),
-        sql::copy_range(m, &p.source_table, &p.target_table, true, true)
+        sql::copy_range(m, &p.source_table, &p.target_table, true, true, !b.defer_indexes)
     );
+    if b.defer_indexes {
+        let _ = writeln!(
+            out,
+            "   changes wait (in order, unacknowledged) until the copy ends or {} of them wait; then each deferred index is built in a transaction with its record's deletion, and the changes that waited are applied first",
+            b.hold_changes
+        );
+    }
     let _ = writeln!(out, "6. stream (from the slot, batched, session_replication_role = replica, one transaction per batch):");
     if let Some(update) = sql::update_rows(m, &p.target_table) {
         let _ = writeln!(out, "   update (rows the target has): {update};");

@@ -4,6 +4,7 @@
 //! a mapping that does not type-check is reported by PostgreSQL itself,
 //! attributed to its field, with nothing changed.
 
+use crate::backfill::indexes;
 use crate::error::{db_text, Error, Result};
 use crate::source::postgres::introspect::{self, ServerInfo, TableInfo};
 use crate::spec::{quote_ident, Pipeline, Source};
@@ -130,7 +131,14 @@ pub async fn check(
                     "target.ddl does not create target.table {}",
                     p.target_table
                 )),
-                Some(target) => {
+                Some(mut target) => {
+                    // A target rowshift created may wait for its primary key
+                    // (built after the copy, see `backfill::indexes`).
+                    if target_exists && target.primary_key.is_empty() {
+                        if let Some(key) = indexes::deferred_primary_key(&tx, &p.name).await? {
+                            target.primary_key = key;
+                        }
+                    }
                     mapping = check_mapping(&tx, p, &source, &target, &mut problems).await?
                 }
             }

@@ -374,4 +374,26 @@ mod tests {
         let err = Mapping::new(source, vec![0], &target, &["id".into()], &spec).unwrap_err();
         assert!(err[0].contains("source primary-key column"), "{err:?}");
     }
+
+    #[test]
+    fn chunk_copies_probe_unless_indexes_are_deferred() {
+        use crate::sink::postgres::sql::copy_range;
+        use crate::spec::TableName;
+        let m = orders();
+        let (src, dst) = (
+            TableName::parse("public.orders").unwrap(),
+            TableName::parse("public.orders_v2").unwrap(),
+        );
+        let probed = copy_range(&m, &src, &dst, true, true, true);
+        assert!(
+            probed.contains("NOT EXISTS (SELECT 1 FROM \"public\".\"orders_v2\" AS t"),
+            "{probed}"
+        );
+        let bare = copy_range(&m, &src, &dst, true, true, false);
+        assert!(!bare.contains("NOT EXISTS"), "{bare}");
+        assert_eq!(bare, probed[..probed.find(" AND NOT EXISTS").unwrap()]);
+        // A single chunk over the whole table has no condition left.
+        let whole = copy_range(&m, &src, &dst, false, false, false);
+        assert!(whole.ends_with(" WHERE true"), "{whole}");
+    }
 }

@@ -153,8 +153,12 @@ pub fn print_table(results: &Results) {
 
 /// The benchmarks' pipeline over `orders`: the demo's mapping (numeric to
 /// cents, a rename, a dropped column, a computed column) with its inverse;
-/// `extra` adds top-level sections.
+/// `extra` adds top-level sections; `BENCH_BACKFILL` adds backfill settings
+/// (for trials, e.g. `defer_indexes: false`).
 pub fn orders_pipeline(name: &str, target_ddl: &str, extra: &str) -> String {
+    let backfill = std::env::var("BENCH_BACKFILL")
+        .map(|b| format!(", {b}"))
+        .unwrap_or_default();
     format!(
         r#"name: {name}
 source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.orders }}
@@ -173,7 +177,7 @@ mapping:
   drop: [legacy_flag]
   inverse:
     amount: "amount_cents / 100.0"
-backfill: {{ chunk_rows: 20000, workers: 2 }}
+backfill: {{ chunk_rows: 20000, workers: 2{backfill} }}
 {extra}
 "#
     )

@@ -57,6 +57,7 @@
 //! `caught_up` after a heartbeat written after the last chunk. No transaction
 //! stays open longer than one chunk.
 
+pub mod indexes;
 pub mod throttle;
 
 use crate::error::Result;
@@ -124,6 +125,9 @@ pub struct Backfill {
     settings: Settings,
     limiter: Option<DefaultDirectRateLimiter>,
     not_before: Instant,
+    /// Whether chunks probe the target for keys it already has (off while
+    /// its indexes are deferred, see [`indexes`]).
+    probe: bool,
 }
 
 impl Backfill {
@@ -156,7 +160,13 @@ impl Backfill {
             settings,
             limiter,
             not_before: Instant::now(),
+            probe: true,
         }
+    }
+
+    /// Chunks skip the probe while the target's indexes are deferred.
+    pub fn set_indexes_deferred(&mut self, deferred: bool) {
+        self.probe = !deferred;
     }
 
     pub fn finished(&self) -> bool {
@@ -265,9 +275,10 @@ impl Backfill {
         let name = self.name.clone();
         let epoch = self.epoch;
         let rows = self.chunk_rows as i64;
+        let probe = self.probe;
         set.spawn(async move {
             let started = Instant::now();
-            let result = copy_chunk(&mut sink, &name, epoch, &range, rows).await;
+            let result = copy_chunk(&mut sink, &name, epoch, &range, rows, probe).await;
             (i, sink, started.elapsed(), result)
         });
     }
@@ -309,6 +320,7 @@ async fn copy_chunk(
     epoch: i64,
     range: &RangeRecord,
     rows: i64,
+    probe: bool,
 ) -> Result<(u64, Option<Key>, bool)> {
     let lo = range.cursor.as_ref().or(range.lo.as_ref());
     let bound = sink.next_bound(lo, range.hi.as_ref(), rows).await?;
@@ -318,7 +330,7 @@ async fn copy_chunk(
     };
     let cursor = hi.clone().or_else(|| lo.cloned());
     let checkpoint = chunk_checkpoint(name, epoch, range.range_no, &cursor, done);
-    let n = sink.copy_range(lo, hi.as_ref(), &checkpoint).await?;
+    let n = sink.copy_range(lo, hi.as_ref(), &checkpoint, probe).await?;
     Ok((n, cursor, done))
 }
 

@@ -3,10 +3,11 @@
 //! argument relies on), polls the operator's wishes, and reports progress.
 
 use super::early::{EarlyApply, Outcome};
+use super::held::Held;
 use super::progress::Progress;
 use super::{Exit, RunOptions};
 use crate::backfill::throttle::Throttler;
-use crate::backfill::Backfill;
+use crate::backfill::{indexes, Backfill};
 use crate::error::{Error, Result};
 use crate::model::{now_us, Batch, Checkpoint, Early, EarlyEnd, Key, Lsn};
 use crate::sink::postgres::parallel::ParallelSink;
@@ -67,7 +68,7 @@ impl Stream {
 pub async fn run(
     p: &Pipeline,
     dsn: &str,
-    control: Client,
+    mut control: Client,
     stream: Stream,
     mut backfill: Backfill,
     epoch: i64,
@@ -129,6 +130,19 @@ pub async fn run(
     let mut lag_ms: Option<i64> = None;
     tracing::info!(pipeline = %p.name, direction, source = %stream.source, target = %stream.target, "streaming");
 
+    // The target's indexes, if deferred, are built when the copy ends (or
+    // earlier, when too many changes wait for them); a run that resumes
+    // after the copy builds what is left before it applies anything.
+    let mut deferred = match stream.reverse {
+        true => Vec::new(),
+        false => indexes::load(&control, &p.name).await?,
+    };
+    backfill.set_indexes_deferred(!deferred.is_empty());
+    let mut held = Held::new(p.backfill.hold_changes);
+    if backfill.finished() {
+        build_indexes(&mut control, &p.name, epoch, &mut deferred, &mut backfill).await?;
+    }
+
     // Early mode once the backfill is done: here for a run that resumes
     // after it, and where the last chunk lands for one that finishes it
     // (a backfill never becomes unfinished again).
@@ -141,7 +155,10 @@ pub async fn run(
     // in-process retry can start streaming from it again.
     let result: Result<Exit> = async {
         loop {
-            if !backfill.finished() && !paused {
+            // No chunk while held batches wait to be applied after an early
+            // index build (they are older than any chunk to come).
+            let replaying = deferred.is_empty() && !held.is_empty();
+            if !backfill.finished() && !paused && !replaying {
                 throttled = throttler.check(&control).await?;
                 if throttled.is_none() && backfill.due() {
                     // A round lasts until a change batch waits, the
@@ -153,6 +170,8 @@ pub async fn run(
                         .await?;
                     progress.backfill(backfill.rows_copied(), backfill.chunks_done());
                     if backfill.finished() {
+                        // The end of the copy includes the indexes' build.
+                        build_indexes(&mut control, &p.name, epoch, &mut deferred, &mut backfill).await?;
                         // Before the end is recorded, so a transaction
                         // begun after `backfill_finished_at` is set can be
                         // applied while in progress.
@@ -183,16 +202,29 @@ pub async fn run(
             } else {
                 Duration::from_millis(250)
             };
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    return Err(Error::Stopped("interrupted".into()));
-                }
-                next = rx.next() => {
-                    let mut batch = match next? {
-                        Some(b) => b,
+            let replay = if deferred.is_empty() { held.next() } else { None };
+            if replay.is_some() && cancel.is_cancelled() {
+                return Err(Error::Stopped("interrupted".into()));
+            }
+            let next = match replay {
+                Some(b) => Some(b),
+                None => tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {
+                        return Err(Error::Stopped("interrupted".into()));
+                    }
+                    next = rx.next() => match next? {
+                        Some(b) => held.admit(!deferred.is_empty(), b),
                         None => return Err(Error::Replication("the replication stream ended".into())),
-                    };
+                    },
+                    _ = tokio::time::sleep(wait) => None,
+                },
+            };
+            if !deferred.is_empty() && held.full() {
+                tracing::info!(pipeline = %p.name, held = held.changes(), "changes wait for the target's indexes: building them before the copy ends");
+                build_indexes(&mut control, &p.name, epoch, &mut deferred, &mut backfill).await?;
+            }
+            if let Some(mut batch) = next {
                     if let Some(l) = batch_lag(&batch) {
                         lag_ms = Some(l);
                     }
@@ -253,14 +285,13 @@ pub async fn run(
                             }
                         }
                     }
-                }
-                _ = tokio::time::sleep(wait) => {}
             }
             if last_control.elapsed() >= Duration::from_millis(500) {
                 last_control = Instant::now();
                 // Repairs read the source, which does not show an early
                 // transaction: they wait until it has ended.
-                if !stream.reverse && !early.as_ref().is_some_and(EarlyApply::holds_rows) {
+                // Nor are they run on a target without its indexes.
+                if !stream.reverse && deferred.is_empty() && !early.as_ref().is_some_and(EarlyApply::holds_rows) {
                     run_repairs(p, dsn, &control, &mapping, epoch, &mut repair_sink).await?;
                 }
                 let (exit, note) =
@@ -276,6 +307,25 @@ pub async fn run(
     stop.cancel();
     stop_source(&p.name, rx, reader).await;
     result
+}
+
+/// Builds the deferred indexes, if any; chunks probe the target from then on.
+async fn build_indexes(
+    control: &mut Client,
+    name: &str,
+    epoch: i64,
+    deferred: &mut Vec<indexes::Deferred>,
+    backfill: &mut Backfill,
+) -> Result<()> {
+    if !deferred.is_empty() {
+        let when = match backfill.finished() {
+            true => "after the copy",
+            false => "while copying (changes waited)",
+        };
+        indexes::build(control, name, epoch, deferred, when).await?;
+    }
+    backfill.set_indexes_deferred(false);
+    Ok(())
 }
 
 /// Waits for a cancelled source to let go of the slot. Its queue goes

@@ -13,6 +13,7 @@
 mod apply_loop;
 pub mod control;
 pub mod early;
+mod held;
 pub mod kafka_apply;
 mod kafka_chunks;
 mod kafka_produce;
@@ -309,12 +310,14 @@ async fn idle_until_switch(
 async fn prepare(control: &mut Client, p: &Pipeline, record: &PipelineRecord) -> Result<()> {
     if !record.created_target {
         state::set_phase(control, &p.name, Phase::Expanding, None).await?;
-        state::create_recorded(control, &p.name, "target", &p.target_ddl).await?;
+        let defer = p.backfill.defer_indexes.then_some(&p.target_table);
+        state::create_recorded(control, &p.name, "target", &p.target_ddl, defer).await?;
     }
     if !record.created_publication {
         // Preflight refused a publication of this name that rowshift did not
         // record, and the record commits with the publication: it is absent.
-        state::create_recorded(control, &p.name, "publication", &[publication_sql(p)]).await?;
+        state::create_recorded(control, &p.name, "publication", &[publication_sql(p)], None)
+            .await?;
     }
     let slot_exists = control
         .query_opt(

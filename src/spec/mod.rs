@@ -18,7 +18,7 @@
 //!     - { target: amount_cents, expr: "round(amount * 100)::bigint" }
 //!     - { target: state, from: status }      # rename
 //!   drop: [legacy_flag]
-//! backfill: { chunk_rows: 5000, target_chunk_ms: 500, rate_limit_rows_per_s: 50000, workers: 2 }
+//! backfill: { chunk_rows: 5000, target_chunk_ms: 500, rate_limit_rows_per_s: 50000, workers: 2, defer_indexes: true }
 //! throttle: { max_slot_lag_bytes: 1GB, max_retained_wal_bytes: 4GB, query: "SELECT false" }
 //! transport: { kind: direct }                # or kind: kafka with a `kafka:` section
 //! ```
@@ -104,6 +104,13 @@ pub struct Backfill {
     pub target_chunk_ms: Option<u64>,
     pub rate_limit_rows_per_s: Option<u32>,
     pub workers: u32,
+    /// Build the target's indexes after the copy instead of maintaining them
+    /// row by row during it (see [`crate::backfill::indexes`]). Default: on
+    /// for the `direct` transport; the kafka transport cannot.
+    pub defer_indexes: bool,
+    /// With `defer_indexes`: how many changes may wait for the indexes
+    /// before they are built, copy finished or not.
+    pub hold_changes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -404,9 +411,20 @@ pub fn parse(file: &Path, text: &str) -> Result<Pipeline, SpecError> {
         }
     }
 
-    let backfill = backfill_field(&mut top, &mut p);
+    let (mut backfill, defer_indexes) = backfill_field(&mut top, &mut p);
     let throttle = throttle_field(&mut top, &mut p);
     let transport = transport_field(&mut top, &mut p);
+    backfill.defer_indexes = match (defer_indexes, transport.kafka.is_some()) {
+        (Some(true), true) => {
+            p.push(
+                "backfill.defer_indexes",
+                "the kafka transport applies changes in other processes, so it cannot build the target's indexes after the copy; remove the field or set it to false",
+            );
+            false
+        }
+        (Some(on), _) => on,
+        (None, kafka) => !kafka,
+    };
     let verify = verify_field(&mut top, &mut p);
     let cutover = cutover_field(&mut top, source_table.as_ref(), &mut p);
     top.finish(&mut p);

@@ -109,7 +109,9 @@ pub(super) fn cutover_field(
     source.map(|_| cutover)
 }
 
-pub(super) fn backfill_field(top: &mut Fields, p: &mut Problems) -> Backfill {
+/// The backfill section, and `defer_indexes` as written (its default
+/// depends on the transport).
+pub(super) fn backfill_field(top: &mut Fields, p: &mut Problems) -> (Backfill, Option<bool>) {
     let mut b = Fields::new("backfill", top.get("backfill"), p);
     let chunk_rows = b.integer("chunk_rows", 1, 1_000_000, p).unwrap_or(5_000) as u32;
     let target_chunk_ms = b.integer("target_chunk_ms", 10, 600_000, p);
@@ -117,13 +119,20 @@ pub(super) fn backfill_field(top: &mut Fields, p: &mut Problems) -> Backfill {
         .integer("rate_limit_rows_per_s", 1, 100_000_000, p)
         .map(|n| n as u32);
     let workers = b.integer("workers", 1, 64, p).unwrap_or(1) as u32;
+    let defer_indexes = b.boolean("defer_indexes", p);
+    let hold_changes = b
+        .integer("hold_changes", 0, 10_000_000, p)
+        .unwrap_or(100_000) as u32;
     b.finish(p);
-    Backfill {
+    let backfill = Backfill {
         chunk_rows,
         target_chunk_ms,
         rate_limit_rows_per_s: rate,
         workers,
-    }
+        defer_indexes: false,
+        hold_changes,
+    };
+    (backfill, defer_indexes)
 }
 
 pub(super) fn throttle_field(top: &mut Fields, p: &mut Problems) -> Throttle {

@@ -213,3 +213,33 @@ fn the_kafka_section_has_defaults_and_checks() {
         )]
     );
 }
+
+#[test]
+fn indexes_are_deferred_on_direct_and_refused_on_kafka() {
+    let p = parse(Path::new("p.yaml"), GOOD).unwrap();
+    assert!(p.backfill.defer_indexes);
+    assert_eq!(p.backfill.hold_changes, 100_000);
+    let kafka = "transport: { kind: kafka, kafka: { brokers_env: KAFKA, registry_url: \"http://r:8081\" } }\n";
+    let on_kafka = parse(Path::new("p.yaml"), &format!("{GOOD}{kafka}")).unwrap();
+    assert!(!on_kafka.backfill.defer_indexes);
+    let with = GOOD.replace(
+        "rate_limit_rows_per_s: 500 }",
+        "rate_limit_rows_per_s: 500, defer_indexes: true, hold_changes: 20000000 }",
+    );
+    let fields: Vec<String> = problems(&format!("{with}{kafka}"))
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["backfill.hold_changes", "backfill.defer_indexes"],
+        "both problems, at once"
+    );
+    let off = GOOD.replace(
+        "rate_limit_rows_per_s: 500 }",
+        "rate_limit_rows_per_s: 500, defer_indexes: false, hold_changes: 0 }",
+    );
+    let p = parse(Path::new("p.yaml"), &off).unwrap();
+    assert!(!p.backfill.defer_indexes);
+    assert_eq!(p.backfill.hold_changes, 0);
+}

@@ -17,6 +17,7 @@
 pub mod kafka;
 mod schema;
 
+use crate::backfill::indexes::Expand;
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, Key, Lsn};
 use tokio_postgres::Client;
@@ -255,6 +256,7 @@ pub async fn create_recorded(
     name: &str,
     what: &str,
     statements: &[String],
+    defer_indexes_of: Option<&crate::spec::TableName>,
 ) -> Result<()> {
     let column = created_column(what)?;
     let tx = client
@@ -265,6 +267,20 @@ pub async fn create_recorded(
         tx.batch_execute(stmt)
             .await
             .map_err(Error::db(format!("create {what}")))?;
+    }
+    let mut detail = String::new();
+    if let Some(target) = defer_indexes_of {
+        detail = match crate::backfill::indexes::defer(&tx, name, target).await? {
+            Expand::Deferred(names) if names.is_empty() => String::new(),
+            Expand::Deferred(names) => {
+                tracing::info!(pipeline = name, indexes = %names.join(", "), "the target's indexes are built after the copy");
+                format!("indexes built after the copy: {}", names.join(", "))
+            }
+            Expand::Kept(reason) => {
+                tracing::info!(pipeline = name, reason = %reason, "the target keeps its indexes during the copy");
+                format!("indexes kept during the copy: {reason}")
+            }
+        };
     }
     tx.execute(
         &format!(
@@ -277,7 +293,7 @@ pub async fn create_recorded(
     tx.commit()
         .await
         .map_err(Error::db(format!("commit create {what}")))?;
-    audit(client, name, &format!("created {what}"), "").await
+    audit(client, name, &format!("created {what}"), &detail).await
 }
 
 pub async fn set_desired(client: &Client, name: &str, desired: Desired) -> Result<bool> {

@@ -131,6 +131,17 @@ const STEPS: &[&str] = &[
      ALTER TABLE rowshift.repairs ADD COLUMN reason text NOT NULL DEFAULT 'verify';",
     // 6: the kafka topic rowshift created for the pipeline (abort deletes it)
     "ALTER TABLE rowshift.pipelines ADD COLUMN created_topic text;",
+    // 7: the target's indexes and index-backed constraints, dropped when
+    // the target was created and built again after the copy, in `seq`
+    // order (each row is deleted with its build)
+    "CREATE TABLE rowshift.deferred_indexes (
+        pipeline text NOT NULL REFERENCES rowshift.pipelines(name) ON DELETE CASCADE,
+        seq int4 NOT NULL,
+        name text NOT NULL,
+        create_sql text NOT NULL,
+        primary_key text[],
+        PRIMARY KEY (pipeline, seq)
+     );",
 ];
 
 /// Creates or upgrades the schema. Two processes creating it at the same

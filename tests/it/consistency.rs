@@ -28,12 +28,31 @@ async fn exists(c: &tokio_postgres::Client) -> bool {
         .unwrap_or(false)
 }
 
-async fn torture(seed: u64) {
+/// How the items target's indexes are expected to be built.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Indexes {
+    /// Deferred, built when the copy ends (the default).
+    AfterCopy,
+    /// Deferred, built early because changes waited (`hold_changes`).
+    WhileCopying,
+    /// Kept during the copy (`defer_indexes: false`).
+    Kept,
+}
+
+async fn torture(seed: u64, indexes: Indexes) {
     let db = TestDb::new(MAIN).await;
     let c = db.client().await;
     create_tables(&c, ITEMS, 2_000).await;
     let (iname, pname) = (format!("items_{}", db.tag), format!("pairs_{}", db.tag));
-    let items = db.pipeline("items.yaml", &items_pipeline(&iname, 700, 25_000, 2));
+    let extra = match indexes {
+        Indexes::AfterCopy => ", hold_changes: 5000000",
+        Indexes::WhileCopying => ", hold_changes: 200",
+        Indexes::Kept => ", defer_indexes: false",
+    };
+    let items = db.pipeline(
+        "items.yaml",
+        &items_pipeline_with(&iname, 700, 25_000, 2, extra),
+    );
     let pairs = db.pipeline("pairs.yaml", &pairs_pipeline(&pname));
     let writers = start_writers(&db, seed, 3, ITEMS).await;
     let mut run_items = db.spawn_run(&items, "items");
@@ -55,6 +74,22 @@ async fn torture(seed: u64) {
     wait_caught_up(&c, &pname, Duration::from_secs(60)).await;
     assert_equal(&c, ITEMS_MAPPED, &iname).await;
     assert_equal(&c, PAIRS_MAPPED, &pname).await;
+    let built = assert_items_indexes(&c, &iname).await;
+    match indexes {
+        Indexes::AfterCopy => assert!(
+            built
+                .as_deref()
+                .is_some_and(|d| d.starts_with("3 after the copy")),
+            "{built:?}"
+        ),
+        Indexes::WhileCopying => assert!(
+            built
+                .as_deref()
+                .is_some_and(|d| d.starts_with("3 while copying")),
+            "{built:?}"
+        ),
+        Indexes::Kept => assert_eq!(built, None),
+    }
     // Partial (TOAST-unchanged) updates kept the big values.
     let toasted: i64 = c
         .query_one(
@@ -79,17 +114,17 @@ async fn torture(seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torture_seed_1() {
-    torture(1).await;
+    torture(1, Indexes::AfterCopy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torture_seed_2() {
-    torture(2).await;
+async fn torture_seed_2_indexes_built_while_copying() {
+    torture(2, Indexes::WhileCopying).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torture_seed_3() {
-    torture(3).await;
+async fn torture_seed_3_indexes_kept() {
+    torture(3, Indexes::Kept).await;
 }
 
 /// kill -9 during the backfill and again while streaming; every restart
@@ -100,7 +135,11 @@ async fn crash_during_backfill_and_streaming() {
     let c = db.client().await;
     create_tables(&c, ITEMS, 500).await;
     let name = format!("crash_{}", db.tag);
-    let items = db.pipeline("items.yaml", &items_pipeline(&name, 500, 8_000, 2));
+    // Changes wait for the deferred indexes through the whole backfill.
+    let items = db.pipeline(
+        "items.yaml",
+        &items_pipeline_with(&name, 500, 8_000, 2, ", hold_changes: 5000000"),
+    );
     let writers = start_writers(&db, 7, 2, ITEMS).await;
 
     let mut run = db.spawn_run(&items, "1");
@@ -112,6 +151,11 @@ async fn crash_during_backfill_and_streaming() {
     let (phase1, chunks1, done1) = phase(&c, &name).await;
     assert_eq!(phase1, "backfilling");
     assert!(!done1, "the kill was meant to land during the backfill");
+    assert_eq!(
+        index_state(&c, &name).await,
+        (0, 3),
+        "the target copies without its indexes, which are recorded"
+    );
 
     // A second process cannot run the same pipeline while one holds it.
     let mut run = db.spawn_run(&items, "2");
@@ -150,8 +194,60 @@ async fn crash_during_backfill_and_streaming() {
     writers.stop().await;
     wait_caught_up(&c, &name, Duration::from_secs(60)).await;
     assert_equal(&c, ITEMS_MAPPED, &name).await;
+    assert!(assert_items_indexes(&c, &name).await.is_some());
     let (_, chunks_end, _) = phase(&c, &name).await;
     assert!(chunks_end >= chunks1, "the chunk cursor went backwards");
+    kill(&mut run);
+    assert!(db.rowshift(&["abort", &name]).status.success());
+}
+
+/// kill -9 between two index builds after the copy: the next run builds
+/// the rest before it applies the changes that waited, and the target
+/// equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_index_builds_resumes() {
+    let db = TestDb::new(MAIN).await;
+    let c = db.client().await;
+    create_tables(&c, 20_000, 100).await;
+    let name = format!("ib_{}", db.tag);
+    let items = db.pipeline(
+        "items.yaml",
+        &items_pipeline_with(&name, 2_000, 1_000_000, 2, ", hold_changes: 5000000"),
+    );
+    let writers = start_writers(&db, 11, 2, 20_000).await;
+    let path = items.to_str().expect("path");
+    let mut run = db.spawn_with(
+        &["run", path],
+        "1",
+        &[("ROWSHIFT_FAILPOINT", "indexes:one-built")],
+    );
+    let log = db.dir.join("run-1.log");
+    wait_for(
+        "the first index built",
+        Duration::from_secs(120),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("failpoint indexes:one-built reached")
+        },
+    )
+    .await;
+    kill(&mut run);
+    assert_eq!(
+        index_state(&c, &name).await,
+        (1, 2),
+        "one index built, two left"
+    );
+    assert!(
+        !backfill_finished(&c, &name).await,
+        "the copy ends with its indexes"
+    );
+    let mut run = db.spawn_run(&items, "2");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writers.stop().await;
+    wait_caught_up(&c, &name, Duration::from_secs(60)).await;
+    assert_equal(&c, ITEMS_MAPPED, &name).await;
+    assert!(assert_items_indexes(&c, &name).await.is_some());
     kill(&mut run);
     assert!(db.rowshift(&["abort", &name]).status.success());
 }

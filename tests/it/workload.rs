@@ -34,16 +34,32 @@ pub async fn create_tables(c: &Client, items: i64, pairs: i64) {
 }
 
 pub fn items_pipeline(name: &str, chunk_rows: u32, rate: u32, workers: u32) -> String {
+    items_pipeline_with(name, chunk_rows, rate, workers, "")
+}
+
+/// The items pipeline with more backfill settings (`extra`, e.g.
+/// `", hold_changes: 50"`). Its target has a primary key, a unique
+/// constraint and a plain index.
+pub fn items_pipeline_with(
+    name: &str,
+    chunk_rows: u32,
+    rate: u32,
+    workers: u32,
+    extra: &str,
+) -> String {
     format!(
         r#"
 name: {name}
 source: {{ dsn_env: ROWSHIFT_SOURCE_DSN, table: public.items }}
 target:
   table: public.{name}
-  ddl: |
-    CREATE TABLE public.{name} (
-      id bigint PRIMARY KEY, small int, price_cents bigint, body text, body_len int,
-      summary text NOT NULL, doc jsonb, tags int[], blob bytea, seen_at timestamptz)
+  ddl:
+    - |
+      CREATE TABLE public.{name} (
+        id bigint PRIMARY KEY, small int, price_cents bigint, body text, body_len int,
+        summary text NOT NULL, doc jsonb, tags int[], blob bytea, seen_at timestamptz,
+        CONSTRAINT {name}_small_id UNIQUE (small, id))
+    - CREATE INDEX {name}_seen ON public.{name} (seen_at)
 mapping:
   columns:
     - id
@@ -57,9 +73,62 @@ mapping:
     - blob
     - {{ target: seen_at, from: seen }}
   drop: [price, legacy]
-backfill: {{ chunk_rows: {chunk_rows}, rate_limit_rows_per_s: {rate}, workers: {workers} }}
+backfill: {{ chunk_rows: {chunk_rows}, rate_limit_rows_per_s: {rate}, workers: {workers}{extra} }}
 "#
     )
+}
+
+/// (indexes the target has, indexes recorded as deferred) for a pipeline.
+pub async fn index_state(c: &Client, name: &str) -> (i64, i64) {
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_index WHERE indrelid = 'public.{name}'::regclass), \
+                        (SELECT count(*) FROM rowshift.deferred_indexes WHERE pipeline = $1)"
+            ),
+            &[&name],
+        )
+        .await
+        .expect("index state");
+    (r.get(0), r.get(1))
+}
+
+/// The items target ends with all three of its indexes, valid, and no
+/// deferred record left; returns the audit detail of their build, if they
+/// were deferred.
+pub async fn assert_items_indexes(c: &Client, name: &str) -> Option<String> {
+    assert_eq!(
+        index_state(c, name).await,
+        (3, 0),
+        "{name}: indexes after the copy"
+    );
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT bool_and(indisvalid), bool_or(indisprimary), \
+                        (SELECT count(*) FROM pg_constraint WHERE conrelid = 'public.{name}'::regclass AND contype IN ('p', 'u')) \
+                 FROM pg_index WHERE indrelid = 'public.{name}'::regclass"
+            ),
+            &[],
+        )
+        .await
+        .expect("index validity");
+    assert!(
+        r.get::<_, bool>(0) && r.get::<_, bool>(1),
+        "{name}: a valid primary key"
+    );
+    assert_eq!(
+        r.get::<_, i64>(2),
+        2,
+        "{name}: the primary key and the unique constraint"
+    );
+    c.query_opt(
+        "SELECT detail FROM rowshift.audit_log WHERE pipeline = $1 AND event = 'indexes built'",
+        &[&name],
+    )
+    .await
+    .expect("audit")
+    .map(|r| r.get(0))
 }
 
 /// The `items` source mapped the way `items_pipeline` maps it.

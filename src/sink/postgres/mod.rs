@@ -35,7 +35,8 @@ enum Kind {
     Delete,
     Refetch,
     Partial(Vec<usize>),
-    CopyRange(bool, bool),
+    /// Bounds present, and whether the "already in the target" probe runs.
+    CopyRange(bool, bool, bool),
     NextBound(bool, bool),
     RepairUpsert(bool, bool),
     RepairDelete(bool, bool),
@@ -139,7 +140,9 @@ impl PgSink {
                 let (update, _) = m.partial_plan(carried);
                 sql::partial_update(m, &self.target, carried, &update)
             }
-            Kind::CopyRange(lo, hi) => sql::copy_range(m, &self.source, &self.target, *lo, *hi),
+            Kind::CopyRange(lo, hi, probe) => {
+                sql::copy_range(m, &self.source, &self.target, *lo, *hi, *probe)
+            }
             Kind::NextBound(lo, hi) => sql::next_bound(m, &self.source, *lo, *hi),
             Kind::RepairUpsert(lo, hi) => {
                 sql::repair_upsert(m, &self.source, &self.target, *lo, *hi)
@@ -316,14 +319,17 @@ impl PgSink {
     /// Copies the source rows with `lo < key <= hi` into the target and runs
     /// `checkpoint` in the same transaction. Returns the rows written.
     /// The number of rows copied is bound as the checkpoint's last parameter.
+    /// Without `probe` the copy assumes the target holds no key of the range
+    /// (indexes deferred: nothing but disjoint chunks writes it).
     pub async fn copy_range(
         &mut self,
         lo: Option<&Key>,
         hi: Option<&Key>,
         checkpoint: &Checkpoint,
+        probe: bool,
     ) -> Result<u64> {
         let stmt = self
-            .statement(Kind::CopyRange(lo.is_some(), hi.is_some()))
+            .statement(Kind::CopyRange(lo.is_some(), hi.is_some(), probe))
             .await?;
         let params = Key::range_params(lo, hi);
         let ckpt = self.checkpoint_statement(checkpoint).await?;
@@ -510,9 +516,7 @@ async fn run_checkpoint<C: GenericClient + Sync>(
         .map_err(Error::db("write checkpoint"))?;
     if checkpoint.fenced && changed != 1 {
         // Returning drops the transaction, which rolls back this write.
-        return Err(Error::Stopped(
-            "another rowshift process took this pipeline over (fenced); this one stops without writing".into(),
-        ));
+        return Err(Error::fenced());
     }
     Ok(())
 }

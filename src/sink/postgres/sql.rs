@@ -228,27 +228,35 @@ pub fn key_params(m: &Mapping, first: usize) -> String {
 }
 
 /// Copies the source rows with `lo < key <= hi` (either bound optional) into
-/// the target. Parameters: the `lo` key columns, then the `hi` key columns.
+/// the target, those it lacks when `probe` is set. Parameters: the `lo` key
+/// columns, then the `hi` key columns.
 pub fn copy_range(
     m: &Mapping,
     source: &TableName,
     target: &TableName,
     has_lo: bool,
     has_hi: bool,
+    probe: bool,
 ) -> String {
-    // The same bounds on the source and, for the "already there" probe, on
-    // the target: an unbounded probe may be planned as a scan of the whole
-    // (growing) target for every chunk.
     let mut conds = range_conds(m, &source_key_row(m), has_lo, has_hi);
-    let mut probe = vec![key_join(m, "src")];
-    probe.extend(range_conds(m, &target_key_row(m), has_lo, has_hi));
-    // Rows the target already has were written by the stream from a full row
-    // image or a refetch and converge on their own; the copy adds the rest.
-    conds.push(format!(
-        "NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
-        target.quoted(),
-        probe.join(" AND ")
-    ));
+    if probe {
+        // The same bounds on the source and, for the "already there" probe,
+        // on the target: an unbounded probe may be planned as a scan of the
+        // whole (growing) target for every chunk.
+        let mut probe = vec![key_join(m, "src")];
+        probe.extend(range_conds(m, &target_key_row(m), has_lo, has_hi));
+        // Rows the target already has were written by the stream from a full
+        // row image or a refetch and converge on their own; the copy adds
+        // the rest.
+        conds.push(format!(
+            "NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+            target.quoted(),
+            probe.join(" AND ")
+        ));
+    }
+    if conds.is_empty() {
+        conds.push("true".into());
+    }
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM ONLY {} AS src WHERE {}",
         target.quoted(),
