@@ -12,7 +12,8 @@ const MAX_BYTES: usize = 64 << 20;
 /// The held batches and their size.
 #[derive(Debug, Default)]
 pub struct Held {
-    batches: VecDeque<Batch>,
+    /// Each batch with its size, counted once.
+    batches: VecDeque<(Batch, usize)>,
     changes: usize,
     bytes: usize,
     max_changes: usize,
@@ -34,9 +35,10 @@ impl Held {
         if !deferring || (quiet && self.batches.is_empty()) {
             return Some(batch);
         }
+        let bytes = batch_bytes(&batch);
         self.changes += batch.events.len();
-        self.bytes += batch_bytes(&batch);
-        self.batches.push_back(batch);
+        self.bytes += bytes;
+        self.batches.push_back((batch, bytes));
         None
     }
 
@@ -47,9 +49,9 @@ impl Held {
 
     /// The oldest held batch (to apply once the indexes are built).
     pub fn next(&mut self) -> Option<Batch> {
-        let b = self.batches.pop_front()?;
+        let (b, bytes) = self.batches.pop_front()?;
         self.changes -= b.events.len();
-        self.bytes -= batch_bytes(&b);
+        self.bytes -= bytes;
         Some(b)
     }
 
