@@ -8,6 +8,7 @@
 
 pub mod backfill;
 pub mod blocking;
+pub mod calendar;
 pub mod cutover;
 pub mod error;
 pub mod failpoint;

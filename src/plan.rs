@@ -195,15 +195,21 @@ fn render(p: &Pipeline, c: &Checked, resuming: bool) -> String {
         );
     }
     let _ = writeln!(out, "6. stream (from the slot, batched, session_replication_role = replica, one transaction per batch):");
-    if let Some(update) = sql::update_rows(m, &p.target_table) {
+    let binds = crate::sink::postgres::typed::binds(m);
+    let key_binds: Vec<_> = m.source_key.iter().map(|&i| binds[i]).collect();
+    if let Some(update) = sql::update_rows(m, &p.target_table, &binds) {
         let _ = writeln!(out, "   update (rows the target has): {update};");
     }
     let _ = writeln!(
         out,
         "   insert (rows the target lacks): {};",
-        sql::insert_missing(m, &p.target_table)
+        sql::insert_missing(m, &p.target_table, &binds)
     );
-    let _ = writeln!(out, "   delete: {};", sql::delete(m, &p.target_table));
+    let _ = writeln!(
+        out,
+        "   delete: {};",
+        sql::delete(m, &p.target_table, &key_binds)
+    );
     let _ = writeln!(
         out,
         "   refetch (partial updates of rows not yet copied): {};",

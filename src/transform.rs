@@ -165,6 +165,12 @@ impl Mapping {
     /// A subquery exposing the given source columns, typed, from text arrays
     /// bound as `$first, $first+1, ...` (one `text[]` per column).
     pub fn unnest_source(&self, positions: &[usize], first: usize) -> String {
+        self.unnest_source_as(positions, first, &vec!["text[]"; positions.len()])
+    }
+
+    /// [`Self::unnest_source`] with each array parameter of its own type
+    /// (`arrays[i]`, e.g. `int8[]`), cast to the source column's type.
+    pub fn unnest_source_as(&self, positions: &[usize], first: usize, arrays: &[&str]) -> String {
         let casts: Vec<String> = positions
             .iter()
             .enumerate()
@@ -176,7 +182,7 @@ impl Mapping {
         format!(
             "(SELECT {} FROM {}) AS src",
             casts.join(", "),
-            unnest_arrays(positions.len(), first)
+            unnest_arrays_as(arrays, first)
         )
     }
 
@@ -209,8 +215,15 @@ impl Mapping {
 /// in `FROM` fills a tuplestore per array first, which cost 0.3 s per 200,000
 /// rows of seven arrays against 0.08 s this way (docs/benchmarks.md).
 pub fn unnest_arrays(n: usize, first: usize) -> String {
-    let cols: Vec<String> = (0..n)
-        .map(|i| format!("unnest(${}::text[]) AS c{i}", first + i))
+    unnest_arrays_as(&vec!["text[]"; n], first)
+}
+
+/// [`unnest_arrays`] with each parameter of its own array type.
+pub fn unnest_arrays_as(arrays: &[&str], first: usize) -> String {
+    let cols: Vec<String> = arrays
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("unnest(${}::{t}) AS c{i}", first + i))
         .collect();
     format!("(SELECT {}) AS u", cols.join(", "))
 }

@@ -104,9 +104,10 @@ pub async fn reverse_mapping<C: GenericClient>(
         Err(list) => return Ok(Reverse::Refused(list)),
     };
     // Type-check the statement the reverse stream will run.
-    let statements = sql::update_rows(&mapping, old)
+    let binds = crate::sink::postgres::typed::binds(&mapping);
+    let statements = sql::update_rows(&mapping, old, &binds)
         .into_iter()
-        .chain([sql::insert_missing(&mapping, old)]);
+        .chain([sql::insert_missing(&mapping, old, &binds)]);
     for text in statements {
         if let Err(e) = client.prepare(&text).await {
             return Ok(Reverse::Refused(vec![format!(

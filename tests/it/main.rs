@@ -14,4 +14,5 @@ mod registry;
 mod sink;
 mod streamed;
 mod support;
+mod typed;
 mod workload;

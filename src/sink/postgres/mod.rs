@@ -18,6 +18,7 @@
 pub mod parallel;
 pub mod sql;
 pub mod tentative;
+pub mod typed;
 
 use super::fold::{fold, Segment};
 use crate::error::{Error, Result};
@@ -27,12 +28,15 @@ use crate::transform::Mapping;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio_postgres::{Client, GenericClient, Statement};
+use typed::{Bind, Param};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Kind {
-    UpdateRows,
-    InsertMissing,
-    Delete,
+    /// How each source column's array is bound (see [`typed`]).
+    UpdateRows(Vec<Bind>),
+    InsertMissing(Vec<Bind>),
+    /// The key columns' binds.
+    Delete(Vec<Bind>),
     Refetch,
     Partial(Vec<usize>),
     /// Bounds present, and whether the "already in the target" probe runs.
@@ -68,6 +72,8 @@ pub struct PgSink {
     source: TableName,
     target: TableName,
     statements: HashMap<Kind, Statement>,
+    /// How each source column's values are bound when they all read.
+    binds: Vec<Bind>,
     /// A transaction kept open across writes is in progress
     /// ([`PgSink::write_open`]).
     open: bool,
@@ -117,6 +123,7 @@ impl PgSink {
             .map_err(Error::db("prepare sink session"))?;
         Ok(PgSink {
             client,
+            binds: typed::binds(&mapping),
             mapping,
             source,
             target,
@@ -132,9 +139,9 @@ impl PgSink {
         let m = &self.mapping;
         let text = match &kind {
             // Only asked for when the target has non-key columns.
-            Kind::UpdateRows => sql::update_rows(m, &self.target).unwrap_or_default(),
-            Kind::InsertMissing => sql::insert_missing(m, &self.target),
-            Kind::Delete => sql::delete(m, &self.target),
+            Kind::UpdateRows(b) => sql::update_rows(m, &self.target, b).unwrap_or_default(),
+            Kind::InsertMissing(b) => sql::insert_missing(m, &self.target, b),
+            Kind::Delete(b) => sql::delete(m, &self.target, b),
             Kind::Refetch => sql::refetch(m, &self.source, &self.target),
             Kind::Partial(carried) => {
                 let (update, _) = m.partial_plan(carried);
@@ -271,16 +278,53 @@ impl PgSink {
             let stmt = self.statement(Kind::Partial(carried.clone())).await?;
             partials.push((carried, rows, stmt, refetch_all));
         }
+        // Each column's array in binary when all its values read; the
+        // statements are the variant that binds them so.
+        let upserts: Vec<&'a Row> = seg.upserts().collect();
+        let upsert_params: Vec<Param<'a>> = if upserts.is_empty() {
+            Vec::new()
+        } else {
+            let all: Vec<usize> = (0..self.mapping.source_columns.len()).collect();
+            column_arrays(&upserts, &all)
+                .into_iter()
+                .zip(&self.binds)
+                .map(|(values, &bind)| typed::column(bind, values))
+                .collect()
+        };
+        let row_binds = used_binds(&upsert_params, &self.binds);
+        let deletes: Vec<&'a Key> = seg.deletes().collect();
+        let key_binds: Vec<Bind> = self
+            .mapping
+            .source_key
+            .iter()
+            .map(|&p| self.binds[p])
+            .collect();
+        let delete_params: Vec<Param<'a>> = if deletes.is_empty() {
+            Vec::new()
+        } else {
+            key_binds
+                .iter()
+                .enumerate()
+                .map(|(i, &bind)| {
+                    typed::column(bind, deletes.iter().map(|k| k.0[i].as_deref()).collect())
+                })
+                .collect()
+        };
+        let delete_binds = used_binds(&delete_params, &key_binds);
         let update = if sql::non_key_columns(&self.mapping).is_empty() {
             None
         } else {
-            Some(self.statement(Kind::UpdateRows).await?)
+            Some(self.statement(Kind::UpdateRows(row_binds.clone())).await?)
         };
         Ok(SegmentStatements {
             update,
-            insert: self.statement(Kind::InsertMissing).await?,
-            delete: self.statement(Kind::Delete).await?,
+            insert: self.statement(Kind::InsertMissing(row_binds)).await?,
+            delete: self.statement(Kind::Delete(delete_binds)).await?,
             partials,
+            upserts: upserts.len(),
+            upsert_params,
+            deletes: deletes.len(),
+            delete_params,
         })
     }
 
@@ -416,24 +460,13 @@ async fn write_segments<C: GenericClient + Sync>(
                 .await
                 .map_err(Error::db("apply truncate"))?;
         }
-        let deletes: Vec<&Key> = seg.deletes().collect();
-        if !deletes.is_empty() {
+        if stmts.deletes > 0 {
             applied.deletes +=
-                exec_keys(client, &stmts.delete, &deletes, mapping.source_key.len()).await?;
+                exec_arrays(client, &stmts.delete, &stmts.delete_params, "apply deletes").await?;
         }
-        let upserts: Vec<&Row> = seg.upserts().collect();
-        if !upserts.is_empty() {
-            let all: Vec<usize> = (0..mapping.source_columns.len()).collect();
-            let params = column_arrays(&upserts, &all);
-            write_rows(
-                client,
-                stmts,
-                &params,
-                upserts.len() as u64,
-                seg.mostly_inserts,
-            )
-            .await?;
-            applied.upserts += upserts.len() as u64;
+        if stmts.upserts > 0 {
+            write_rows(client, stmts, stmts.upserts as u64, seg.mostly_inserts).await?;
+            applied.upserts += stmts.upserts as u64;
         }
         let mut to_refetch: Vec<Key> = seg.refetches().cloned().collect();
         for (carried, rows, stmt, refetch_all) in &stmts.partials {
@@ -496,6 +529,25 @@ struct SegmentStatements<'a> {
     insert: Statement,
     delete: Statement,
     partials: Vec<(Vec<usize>, Vec<&'a Row>, Statement, bool)>,
+    /// Whole rows, and their columns' arrays (`update` and `insert` bind them).
+    upserts: usize,
+    upsert_params: Vec<Param<'a>>,
+    /// Deleted keys, and their columns' arrays.
+    deletes: usize,
+    delete_params: Vec<Param<'a>>,
+}
+
+/// The binds the statement for `params` needs: a column whose values did
+/// not all read is bound as text.
+fn used_binds(params: &[Param<'_>], binds: &[Bind]) -> Vec<Bind> {
+    if params.is_empty() {
+        return binds.to_vec();
+    }
+    params
+        .iter()
+        .zip(binds)
+        .map(|(p, &b)| if p.is_binary() { b } else { Bind::Text })
+        .collect()
 }
 
 async fn run_checkpoint<C: GenericClient + Sync>(
@@ -530,10 +582,10 @@ async fn run_checkpoint<C: GenericClient + Sync>(
 async fn write_rows<C: GenericClient + Sync>(
     tx: &C,
     stmts: &SegmentStatements<'_>,
-    params: &[Vec<Option<&str>>],
     rows: u64,
     mostly_inserts: bool,
 ) -> Result<()> {
+    let params = &stmts.upsert_params;
     let Some(update) = &stmts.update else {
         exec_arrays(tx, &stmts.insert, params, "apply inserts").await?;
         return Ok(());
@@ -570,10 +622,10 @@ fn column_arrays<'a>(rows: &[&'a Row], positions: &[usize]) -> Vec<Vec<Option<&'
         .collect()
 }
 
-async fn exec_arrays<C: GenericClient + Sync>(
+async fn exec_arrays<C: GenericClient + Sync, P: tokio_postgres::types::ToSql + Sync>(
     tx: &C,
     stmt: &Statement,
-    params: &[Vec<Option<&str>>],
+    params: &[P],
     what: &'static str,
 ) -> Result<u64> {
     let refs = sql_params(params);

@@ -9,8 +9,14 @@
 //! the server, so a batch of any size is one round trip per statement and no
 //! type needs client-side code.
 
+use super::typed::Bind;
 use crate::spec::{quote_ident, TableName};
 use crate::transform::{unnest_arrays, Mapping};
+
+/// The array types of `binds`, for [`Mapping::unnest_source_as`].
+fn arrays(binds: &[Bind]) -> Vec<&'static str> {
+    binds.iter().map(|b| b.array_sql()).collect()
+}
 
 /// Whole rows (a batch's upserts, keys unique) are written by two
 /// statements, [`update_rows`] and [`insert_missing`]. The sink runs the one
@@ -21,7 +27,9 @@ use crate::transform::{unnest_arrays, Mapping};
 ///
 /// `UPDATE ... FROM <batch>`: rewrites the rows the target has. `None` when
 /// the target has only key columns (nothing to update).
-pub fn update_rows(m: &Mapping, target: &TableName) -> Option<String> {
+///
+/// `binds` (one per source column) say how each column's array is bound.
+pub fn update_rows(m: &Mapping, target: &TableName, binds: &[Bind]) -> Option<String> {
     let non_key = non_key_columns(m);
     if non_key.is_empty() {
         return None;
@@ -36,7 +44,7 @@ pub fn update_rows(m: &Mapping, target: &TableName) -> Option<String> {
         target.quoted(),
         sets.join(", "),
         m.select_list(),
-        m.unnest_source(&all, 1),
+        m.unnest_source_as(&all, 1, &arrays(binds)),
         target_key_match(m)
     ))
 }
@@ -62,7 +70,7 @@ fn target_key_match(m: &Mapping) -> String {
 }
 
 /// `INSERT ... WHERE NOT EXISTS`: adds the rows whose keys the target lacks.
-pub fn insert_missing(m: &Mapping, target: &TableName) -> String {
+pub fn insert_missing(m: &Mapping, target: &TableName, binds: &[Bind]) -> String {
     let all: Vec<usize> = (0..m.source_columns.len()).collect();
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM (SELECT {} FROM {}) AS v \
@@ -71,7 +79,7 @@ pub fn insert_missing(m: &Mapping, target: &TableName) -> String {
         m.target_list(),
         m.target_list(),
         m.select_list(),
-        m.unnest_source(&all, 1),
+        m.unnest_source_as(&all, 1, &arrays(binds)),
         target.quoted(),
         target_key_match(m)
     )
@@ -92,12 +100,12 @@ fn key_join(m: &Mapping, src_alias: &str) -> String {
         .join(" AND ")
 }
 
-/// `DELETE ... USING <key arrays>`.
-pub fn delete(m: &Mapping, target: &TableName) -> String {
+/// `DELETE ... USING <key arrays>`; `binds` are the key columns'.
+pub fn delete(m: &Mapping, target: &TableName, binds: &[Bind]) -> String {
     format!(
         "DELETE FROM {} AS t USING {} WHERE {}",
         target.quoted(),
-        m.unnest_source(&m.source_key, 1),
+        m.unnest_source_as(&m.source_key, 1, &arrays(binds)),
         key_join(m, "src")
     )
 }

@@ -19,7 +19,8 @@
 //! one-dimensional arrays of these → array. Anything else is refused when
 //! the pipeline is planned.
 
-use super::{calendar, wire};
+use super::wire;
+use crate::calendar;
 use apache_avro::types::Value;
 use serde_json::{json, Value as Json};
 

@@ -30,7 +30,6 @@
 
 pub mod avro;
 mod binary;
-mod calendar;
 pub mod codec;
 pub mod consumer;
 pub mod decode;

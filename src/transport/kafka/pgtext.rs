@@ -6,7 +6,7 @@
 //! value is written digit by digit into one string, without the formatting
 //! machinery or intermediate strings.
 
-use super::calendar;
+use crate::calendar;
 
 /// The decimal digits of `n` (most significant first), in a buffer of its own.
 struct Digits {
