@@ -281,17 +281,13 @@ impl PgSink {
         // Each column's array in binary when all its values read; the
         // statements are the variant that binds them so.
         let upserts: Vec<&'a Row> = seg.upserts().collect();
-        let upsert_params: Vec<Param<'a>> = if upserts.is_empty() {
+        let upsert_params = if upserts.is_empty() {
             Vec::new()
         } else {
             let all: Vec<usize> = (0..self.mapping.source_columns.len()).collect();
-            column_arrays(&upserts, &all)
-                .into_iter()
-                .zip(&self.binds)
-                .map(|(values, &bind)| typed::column(bind, values))
-                .collect()
+            typed::columns(column_arrays(&upserts, &all), &self.binds)
         };
-        let row_binds = used_binds(&upsert_params, &self.binds);
+        let row_binds = typed::used_binds(&upsert_params, &self.binds);
         let deletes: Vec<&'a Key> = seg.deletes().collect();
         let key_binds: Vec<Bind> = self
             .mapping
@@ -299,18 +295,15 @@ impl PgSink {
             .iter()
             .map(|&p| self.binds[p])
             .collect();
-        let delete_params: Vec<Param<'a>> = if deletes.is_empty() {
+        let delete_params = if deletes.is_empty() {
             Vec::new()
         } else {
-            key_binds
-                .iter()
-                .enumerate()
-                .map(|(i, &bind)| {
-                    typed::column(bind, deletes.iter().map(|k| k.0[i].as_deref()).collect())
-                })
-                .collect()
+            let values = (0..key_binds.len())
+                .map(|i| deletes.iter().map(|k| k.0[i].as_deref()).collect())
+                .collect();
+            typed::columns(values, &key_binds)
         };
-        let delete_binds = used_binds(&delete_params, &key_binds);
+        let delete_binds = typed::used_binds(&delete_params, &key_binds);
         let update = if sql::non_key_columns(&self.mapping).is_empty() {
             None
         } else {
@@ -535,19 +528,6 @@ struct SegmentStatements<'a> {
     /// Deleted keys, and their columns' arrays.
     deletes: usize,
     delete_params: Vec<Param<'a>>,
-}
-
-/// The binds the statement for `params` needs: a column whose values did
-/// not all read is bound as text.
-fn used_binds(params: &[Param<'_>], binds: &[Bind]) -> Vec<Bind> {
-    if params.is_empty() {
-        return binds.to_vec();
-    }
-    params
-        .iter()
-        .zip(binds)
-        .map(|(p, &b)| if p.is_binary() { b } else { Bind::Text })
-        .collect()
 }
 
 async fn run_checkpoint<C: GenericClient + Sync>(

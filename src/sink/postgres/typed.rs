@@ -177,6 +177,28 @@ pub fn column<'a>(bind: Bind, values: Vec<Option<&'a str>>) -> Param<'a> {
     }
 }
 
+/// [`column`] for each column's values, with `binds[i]` for column `i`.
+pub fn columns<'a>(values: Vec<Vec<Option<&'a str>>>, binds: &[Bind]) -> Vec<Param<'a>> {
+    values
+        .into_iter()
+        .zip(binds)
+        .map(|(v, &bind)| column(bind, v))
+        .collect()
+}
+
+/// The binds the statement for `params` needs: a column whose values did
+/// not all read is bound as text (no parameters: `binds` as they are).
+pub fn used_binds(params: &[Param<'_>], binds: &[Bind]) -> Vec<Bind> {
+    if params.is_empty() {
+        return binds.to_vec();
+    }
+    params
+        .iter()
+        .zip(binds)
+        .map(|(p, &b)| if p.is_binary() { b } else { Bind::Text })
+        .collect()
+}
+
 /// `array_send`'s form: dimensions, null flag, element type, then each
 /// element's length (-1: NULL) and bytes.
 fn binary_array(bind: Bind, values: &[Option<&str>]) -> Option<Vec<u8>> {
