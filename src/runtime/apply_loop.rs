@@ -96,6 +96,14 @@ pub async fn run(
             mapping.source_key.clone(),
         )
     });
+    // Early mode once the backfill is done: here, before the reader starts,
+    // for a run that resumes after it (a transaction whose first block came
+    // before this would be kept to its commit), and where the last chunk
+    // lands for one that finishes it (a backfill never becomes unfinished
+    // again).
+    if let (true, Some(e)) = (backfill.finished(), &early) {
+        e.allow();
+    }
     let allow = early.as_ref().map(|e| e.allow.clone());
     let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone(), allow).await?;
 
@@ -141,13 +149,6 @@ pub async fn run(
     let mut held = Held::new(p.backfill.hold_changes);
     if backfill.finished() {
         build_indexes(&mut control, &p.name, epoch, &mut deferred, &mut backfill).await?;
-    }
-
-    // Early mode once the backfill is done: here for a run that resumes
-    // after it, and where the last chunk lands for one that finishes it
-    // (a backfill never becomes unfinished again).
-    if let (true, Some(e)) = (backfill.finished(), &early) {
-        e.allow();
     }
 
     // Ordered shutdown: leave the loop, stop the heartbeat, the batcher and

@@ -15,7 +15,8 @@
 //! overlap takes (docs/benchmarks.md, issue 2).
 
 use super::parallel::{on_parts, split};
-use super::{run_checkpoint, write_segments, Applied, PgSink, Role, Target};
+use super::write::{run_checkpoint, write_segments, Target};
+use super::{Applied, PgSink, Role};
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
 use crate::sink::fold::Segment;
