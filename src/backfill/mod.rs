@@ -35,9 +35,13 @@
 //!    chunk) and every later change to it is applied after it, in order.
 //!    The copy leaves them alone.
 //! 3. For a key the target lacks, the copy writes the source row at R. Every
-//!    event the sink applied committed before R (it had been streamed), and
-//!    every change after R is still to come, so the written row is
-//!    convergent with T = R. Events between P and R are replays whose effect
+//!    event the sink applied is visible in R, and every change after R is
+//!    still to come, so the written row is convergent with T = R. "Visible
+//!    in R" is not implied by "streamed": PostgreSQL can stream a commit a
+//!    moment before other sessions see it, so each copy first waits until a
+//!    snapshot shows every transaction received so far
+//!    ([`crate::source::postgres::visibility`]). The torture test once lost
+//!    an update this way, through the refetch, which waits the same way. Events between P and R are replays whose effect
 //!    is already in the R-state; re-applying them is harmless by the same
 //!    convergence argument once the sink passes R.
 //! 4. No resurrection: a row deleted before R is not in the R-state, so the
@@ -63,6 +67,7 @@ pub mod throttle;
 use crate::error::Result;
 use crate::model::Key;
 use crate::sink::postgres::PgSink;
+use crate::source::postgres::visibility::Commits;
 use crate::state::{chunk_checkpoint, RangeRecord};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -161,6 +166,14 @@ impl Backfill {
             limiter,
             not_before: Instant::now(),
             probe: true,
+        }
+    }
+
+    /// Every chunk waits until the transactions in `commits` are visible
+    /// to its snapshot (see [`crate::source::postgres::visibility`]).
+    pub fn watch_commits(&mut self, commits: &Commits) {
+        for s in self.sinks.iter_mut().flatten() {
+            s.watch_commits(commits.clone());
         }
     }
 

@@ -15,6 +15,7 @@ use crate::sink::postgres::tentative::Tentative;
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
 use crate::source::postgres::replication::{self, AckFn, ReaderConfig};
+use crate::source::postgres::visibility::Commits;
 use crate::spec::{Pipeline, TableName};
 use crate::state::{self, apply_checkpoint, fence_checkpoint, Desired, Phase, PipelineRecord};
 use crate::transform::Mapping;
@@ -107,18 +108,22 @@ pub async fn run(
     let allow = early.as_ref().map(|e| e.allow.clone());
     let (mut rx, ack, reader) = start_source(p, dsn, &stream, stop.clone(), allow).await?;
 
+    // The transactions received: every read of the source (a chunk, a
+    // refetch, a repair) waits until they are visible to it.
+    let commits = Commits::default();
+    backfill.watch_commits(&commits);
     let mut sinks = Vec::new();
     for _ in 0..apply_workers.max(1) {
-        sinks.push(
-            PgSink::connect(
-                dsn,
-                mapping.clone(),
-                stream.source.clone(),
-                stream.target.clone(),
-                Role::Stream,
-            )
-            .await?,
-        );
+        let mut s = PgSink::connect(
+            dsn,
+            mapping.clone(),
+            stream.source.clone(),
+            stream.target.clone(),
+            Role::Stream,
+        )
+        .await?;
+        s.watch_commits(commits.clone());
+        sinks.push(s);
     }
     let mut sink = ParallelSink::new(sinks, mapping.source_key.clone());
     let fence = fence_checkpoint(&p.name, epoch);
@@ -215,7 +220,10 @@ pub async fn run(
                         return Err(Error::Stopped("interrupted".into()));
                     }
                     next = rx.next() => match next? {
-                        Some(b) => held.admit(!deferred.is_empty(), b),
+                        Some(b) => {
+                            commits.push(&b.xids);
+                            held.admit(!deferred.is_empty(), b)
+                        }
                         None => return Err(Error::Replication("the replication stream ended".into())),
                     },
                     _ = tokio::time::sleep(wait) => None,
@@ -293,7 +301,7 @@ pub async fn run(
                 // transaction: they wait until it has ended.
                 // Nor are they run on a target without its indexes.
                 if !stream.reverse && deferred.is_empty() && !early.as_ref().is_some_and(EarlyApply::holds_rows) {
-                    run_repairs(p, dsn, &control, &mapping, epoch, &mut repair_sink).await?;
+                    run_repairs(p, dsn, &control, (&mapping, &commits), epoch, &mut repair_sink).await?;
                 }
                 let (exit, note) =
                     control_tick(p, &control, stream.reverse, &mut paused, throttled.as_deref()).await?;
@@ -443,7 +451,7 @@ async fn run_repairs(
     p: &Pipeline,
     dsn: &str,
     control: &Client,
-    mapping: &Arc<Mapping>,
+    (mapping, commits): (&Arc<Mapping>, &Commits),
     epoch: i64,
     sink: &mut Option<PgSink>,
 ) -> Result<()> {
@@ -459,16 +467,16 @@ async fn run_repairs(
         let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
         let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
         if sink.is_none() {
-            *sink = Some(
-                PgSink::connect(
-                    dsn,
-                    mapping.clone(),
-                    p.source_table.clone(),
-                    p.target_table.clone(),
-                    Role::Copy,
-                )
-                .await?,
-            );
+            let mut s = PgSink::connect(
+                dsn,
+                mapping.clone(),
+                p.source_table.clone(),
+                p.target_table.clone(),
+                Role::Copy,
+            )
+            .await?;
+            s.watch_commits(commits.clone());
+            *sink = Some(s);
         }
         let Some(s) = sink.as_mut() else { continue };
         let done = Checkpoint {

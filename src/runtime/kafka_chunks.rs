@@ -7,10 +7,11 @@
 use crate::error::{Error, Result};
 use crate::model::{Cell, Key, Row};
 use crate::sink::postgres::sql;
+use crate::source::postgres::visibility::{RecentXids, Snapshot};
 use crate::spec::{quote_ident, Pipeline, TableName};
 use crate::state::{self, RangeRecord};
 use crate::transform::Mapping;
-use crate::transport::kafka::snapshot::{Chunk, RecentXids, Snapshot};
+use crate::transport::kafka::snapshot::Chunk;
 use tokio_postgres::Client;
 
 /// Chunks read and waiting for their watermarks at most: each costs a trip

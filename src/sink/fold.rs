@@ -11,7 +11,9 @@
 //! | Refetch        | Upsert(row)          | Refetch                       | Delete | k2: Refetch                 |
 //!
 //! `Refetch` means "read the row's current state from the source and upsert
-//! it". Writing a state *newer* than the batch is safe: every event after the
+//! it". It must not be *older* than the batch: the read waits until the
+//! batch's transactions are visible on the source
+//! ([`crate::source::postgres::visibility`]). Writing a state *newer* than the batch is safe: every event after the
 //! batch is applied afterwards in order, and re-applying older events on top
 //! of a newer state converges to the newest state (the argument is in
 //! [`crate::backfill`]). A TRUNCATE splits the batch into segments applied in

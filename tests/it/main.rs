@@ -15,4 +15,5 @@ mod sink;
 mod streamed;
 mod support;
 mod typed;
+mod visibility;
 mod workload;

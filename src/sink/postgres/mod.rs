@@ -24,6 +24,7 @@ mod write;
 use super::fold::{fold, Segment};
 use crate::error::{Error, Result};
 use crate::model::{ChangeEvent, Checkpoint, Key, Row};
+use crate::source::postgres::visibility::{Commits, SNAPSHOT_SQL};
 use crate::spec::TableName;
 use crate::transform::Mapping;
 use std::collections::HashMap;
@@ -48,6 +49,8 @@ enum Kind {
     RepairDelete(bool, bool),
     /// A caller's checkpoint SQL (prepared once per distinct text).
     Checkpoint(String),
+    /// The source's current snapshot (see [`Commits::wait_visible`]).
+    Snapshot,
 }
 
 /// Counters of one apply.
@@ -79,6 +82,9 @@ pub struct PgSink {
     /// A transaction kept open across writes is in progress
     /// ([`PgSink::write_open`]).
     open: bool,
+    /// The transactions received so far, when this sink reads the source
+    /// (copies, refetches): such a read waits until they are all visible.
+    commits: Option<Commits>,
 }
 
 /// What a sink session is used for; each gets the planner settings that fit.
@@ -131,7 +137,26 @@ impl PgSink {
             target,
             statements: HashMap::new(),
             open: false,
+            commits: None,
         })
+    }
+
+    /// From now on, every read of the source first waits until the
+    /// transactions `commits` holds are visible to it (see
+    /// [`crate::source::postgres::visibility`]).
+    pub fn watch_commits(&mut self, commits: Commits) {
+        self.commits = Some(commits);
+    }
+
+    /// Waits until the transactions received so far are visible to this
+    /// session's next statement, if this sink watches them.
+    async fn wait_visible(&mut self) -> Result<()> {
+        let Some(commits) = self.commits.clone() else {
+            return Ok(());
+        };
+        let stmt = self.statement(Kind::Snapshot).await?;
+        commits.wait_visible(&self.client, &stmt).await?;
+        Ok(())
     }
 
     async fn statement(&mut self, kind: Kind) -> Result<Statement> {
@@ -160,6 +185,7 @@ impl PgSink {
                 sql::repair_delete(m, &self.source, &self.target, *lo, *hi)
             }
             Kind::Checkpoint(text) => text.clone(),
+            Kind::Snapshot => SNAPSHOT_SQL.to_string(),
         };
         let stmt = self
             .client
@@ -242,6 +268,7 @@ impl PgSink {
             source: &self.source,
             target: &self.target,
             refetch: Some(&mut self.statements),
+            commits: self.commits.as_ref(),
         };
         let applied = write_segments(&tx, on, segments, &statements).await?;
         run_checkpoint(&tx, ckpt.as_ref(), checkpoint, None).await?;
@@ -373,6 +400,8 @@ impl PgSink {
         let params = Key::range_params(lo, hi);
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let refs = sql_params(&params);
+        // The copy must see every change already applied (see `backfill`).
+        self.wait_visible().await?;
         let tx = self
             .client
             .transaction()
@@ -410,6 +439,7 @@ impl PgSink {
         let ckpt = self.checkpoint_statement(checkpoint).await?;
         let params = Key::range_params(lo, hi);
         let refs = sql_params(&params);
+        self.wait_visible().await?;
         let tx = self
             .client
             .transaction()

@@ -128,6 +128,7 @@ impl PgSink {
             source: &self.source,
             target: &self.target,
             refetch: None,
+            commits: None,
         };
         write_segments(&self.client, on, segments, &statements).await
     }

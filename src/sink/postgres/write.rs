@@ -9,18 +9,21 @@ use super::{Applied, Kind};
 use crate::error::{Error, Result};
 use crate::model::{Cell, Checkpoint, Key, Row};
 use crate::sink::fold::Segment;
+use crate::source::postgres::visibility::{Commits, SNAPSHOT_SQL};
 use crate::spec::TableName;
 use crate::transform::Mapping;
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::{GenericClient, Statement};
 
 /// Where segments are written, and whether rows may be read back from the
-/// source (`refetch`: the cache the refetch statement is prepared into).
+/// source (`refetch`: the cache the refetch statement is prepared into;
+/// `commits`: the transactions a read back must see, when watched).
 pub(super) struct Target<'s> {
     pub(super) mapping: &'s Mapping,
     pub(super) source: &'s TableName,
     pub(super) target: &'s TableName,
     pub(super) refetch: Option<&'s mut HashMap<Kind, Statement>>,
+    pub(super) commits: Option<&'s Commits>,
 }
 
 /// Writes folded segments, in order, on `client` (a transaction).
@@ -83,24 +86,41 @@ pub(super) async fn write_segments<C: GenericClient + Sync>(
                         .into(),
                 ));
             };
-            let refetch = match prepared.get(&Kind::Refetch) {
-                Some(s) => s.clone(),
-                None => {
-                    let text = sql::refetch(mapping, on.source, on.target);
-                    let s = client
-                        .prepare(&text)
-                        .await
-                        .map_err(Error::db("prepare refetch"))?;
-                    prepared.insert(Kind::Refetch, s.clone());
-                    s
-                }
-            };
+            let refetch = prepare(client, prepared, Kind::Refetch, || {
+                sql::refetch(mapping, on.source, on.target)
+            })
+            .await?;
+            // The row read back must include the change that asked for it,
+            // whose commit may not be visible yet (see `visibility`).
+            if let Some(commits) = on.commits {
+                let snapshot =
+                    prepare(client, prepared, Kind::Snapshot, || SNAPSHOT_SQL.into()).await?;
+                commits.wait_visible(client, &snapshot).await?;
+            }
             let keys: Vec<&Key> = to_refetch.iter().collect();
             applied.refetches +=
                 exec_keys(client, &refetch, &keys, mapping.source_key.len()).await?;
         }
     }
     Ok(applied)
+}
+
+/// The statement `kind` from `cache`, prepared (text from `sql`) on first use.
+async fn prepare<C: GenericClient + Sync>(
+    client: &C,
+    cache: &mut HashMap<Kind, Statement>,
+    kind: Kind,
+    sql: impl FnOnce() -> String,
+) -> Result<Statement> {
+    if let Some(s) = cache.get(&kind) {
+        return Ok(s.clone());
+    }
+    let s = client
+        .prepare(&sql())
+        .await
+        .map_err(Error::db(format!("prepare {kind:?}")))?;
+    cache.insert(kind, s.clone());
+    Ok(s)
 }
 
 pub(super) struct SegmentStatements<'a> {

@@ -7,6 +7,7 @@ pub mod introspect;
 pub mod replication;
 pub mod restream;
 pub mod streamed;
+pub mod visibility;
 
 use crate::error::{Error, Result};
 use tokio_postgres::{Client, NoTls};

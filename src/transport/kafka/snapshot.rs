@@ -35,7 +35,8 @@
 //!   transaction can in principle be decoded and streamed before a snapshot
 //!   taken later sees it. The producer keeps the ids of the transactions it
 //!   processed recently ([`RecentXids`]); if any of them is still running in
-//!   S ([`Snapshot::running`]), the chunk is read again.
+//!   S ([`Snapshot::running`]), the chunk is read again (see
+//!   [`crate::source::postgres::visibility`]).
 //!
 //! So a kept row is K's state at H, and K's later changes follow it. A
 //! dropped key's rows reach the target through the stream: inserts and
@@ -70,74 +71,7 @@
 //! same per-key order, which the appliers apply idempotently.
 
 use crate::model::{Cell, Change, ChangeEvent, Key, Row};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
-
-/// A `pg_snapshot` (`xmin:xmax:xip,...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub xmin: u64,
-    pub xmax: u64,
-    pub xip: Vec<u64>,
-}
-
-impl Snapshot {
-    pub fn parse(text: &str) -> Option<Snapshot> {
-        let mut parts = text.splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let xip = match parts.next() {
-            Some("") | None => Vec::new(),
-            Some(list) => list
-                .split(',')
-                .map(|x| x.parse().ok())
-                .collect::<Option<Vec<u64>>>()?,
-        };
-        Some(Snapshot { xmin, xmax, xip })
-    }
-
-    /// True when the (32-bit, as pgoutput sends it) transaction id was still
-    /// running, or not yet started, for this snapshot: its changes are not in it.
-    pub fn running(&self, xid: u32) -> bool {
-        // Widen to 64 bits in the epoch of xmax (the xid cannot be more than
-        // 2^31 transactions away from it).
-        let epoch = self.xmax & !0xffff_ffff;
-        let mut full = epoch | xid as u64;
-        if full > self.xmax + (1 << 31) {
-            full = full.saturating_sub(1 << 32);
-        } else if full + (1 << 31) < self.xmax {
-            full += 1 << 32;
-        }
-        full >= self.xmax || self.xip.contains(&full)
-    }
-}
-
-/// Ids of the transactions the producer processed in the last minute.
-#[derive(Debug, Default)]
-pub struct RecentXids {
-    seen: VecDeque<(Instant, u32)>,
-}
-
-impl RecentXids {
-    const KEEP: Duration = Duration::from_secs(60);
-
-    pub fn push(&mut self, xids: &[u32]) {
-        let now = Instant::now();
-        self.seen.extend(xids.iter().map(|&x| (now, x)));
-        while self
-            .seen
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > Self::KEEP)
-        {
-            self.seen.pop_front();
-        }
-    }
-
-    /// True when a transaction already processed is not visible in `s`.
-    pub fn raced(&self, s: &Snapshot) -> bool {
-        self.seen.iter().any(|&(_, x)| s.running(x))
-    }
-}
+use std::collections::{HashMap, HashSet};
 
 /// An open chunk: its rows, until the high watermark.
 #[derive(Debug)]
@@ -371,23 +305,5 @@ mod tests {
         let mut c = Chunk::new("w".into(), vec![row("1", "a")], &[0], None, true);
         c.observe(&at(Change::Truncate), &[0]);
         assert!(c.into_parts().0.is_empty());
-    }
-
-    #[test]
-    fn snapshots_parse_and_tell_running_transactions() {
-        let s = Snapshot::parse("100:105:100,103").unwrap();
-        assert!(s.running(100) && s.running(103) && s.running(105) && s.running(4000));
-        assert!(!s.running(101) && !s.running(104) && !s.running(99));
-        assert_eq!(Snapshot::parse("7:7:").unwrap().xip, Vec::<u64>::new());
-        assert!(Snapshot::parse("x:1:").is_none());
-        // Across a 32-bit wrap: xmax is in epoch 1, the xid just before it.
-        let s = Snapshot::parse("4294967290:4294967300:").unwrap();
-        assert!(!s.running(4294967295)); // 2^32 - 1, committed before
-        assert!(s.running(4)); // 2^32 + 4 = xmax
-        let mut recent = RecentXids::default();
-        recent.push(&[101, 104]);
-        assert!(!recent.raced(&Snapshot::parse("100:105:100,103").unwrap()));
-        recent.push(&[103]);
-        assert!(recent.raced(&Snapshot::parse("100:105:100,103").unwrap()));
     }
 }
