@@ -116,6 +116,9 @@ pub struct ChangeEvent {
     pub commit_lsn: Lsn,
     /// Commit time in microseconds since the Unix epoch.
     pub commit_ts_us: i64,
+    /// The source transaction's id as pgoutput names it (32 bits); 0
+    /// (PostgreSQL's invalid id) when unknown, e.g. for a backfill row.
+    pub xid: u32,
 }
 
 /// A unit handed from the source to a transport and on to a sink.

@@ -46,6 +46,7 @@ fn insert(id: i64) -> ChangeEvent {
         },
         commit_lsn: Lsn(0x1000 + id as u64),
         commit_ts_us: 1_700_000_000_000_000,
+        xid: 0,
     }
 }
 

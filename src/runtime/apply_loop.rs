@@ -221,7 +221,7 @@ pub async fn run(
                     }
                     next = rx.next() => match next? {
                         Some(b) => {
-                            commits.push(&b.xids);
+                            commits.push_committed(&b.xids, b.events.last().map(|e| e.commit_ts_us));
                             held.admit(!deferred.is_empty(), b)
                         }
                         None => return Err(Error::Replication("the replication stream ended".into())),

@@ -112,6 +112,7 @@ mod tests {
                     },
                     commit_lsn: Lsn(seq),
                     commit_ts_us: 0,
+                    xid: 0,
                 })
                 .collect(),
             ack: Some(Lsn(seq)),

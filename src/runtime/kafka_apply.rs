@@ -45,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::model::{now_us, ChangeEvent};
 use crate::sink::postgres::{PgSink, Role};
 use crate::source::postgres::connect;
+use crate::source::postgres::visibility::Commits;
 use crate::spec::Pipeline;
 use crate::state::kafka::{PartBatch, Position};
 use crate::state::{self, Desired};
@@ -104,6 +105,9 @@ pub async fn run(
         Role::Stream,
     )
     .await?;
+    // A row read back from the source must show the change that asked for
+    // it; the records name their transactions (`source.txId`).
+    sink.watch_commits(Commits::default());
     let me = format!("pid {}", std::process::id());
     let mut positions = state::kafka::applied(&control, &p.name).await?;
     let mut reach = Reach::default();
@@ -346,6 +350,7 @@ async fn apply(
         let applied = events.len();
         let batch: Vec<PartBatch> = parts.values().copied().collect();
         let claim = state::kafka::claim(&p.name, me, &batch, lag);
+        sink.received(&events);
         match sink.apply_claimed(events, &claim).await {
             Ok(_) => {
                 for b in batch {

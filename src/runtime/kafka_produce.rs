@@ -322,7 +322,7 @@ pub async fn run(
                 }
                 next = rx.next() => {
                     let batch = next?.ok_or_else(|| Error::Replication("the replication stream ended".into()))?;
-                    recent.push(&batch.xids);
+                    recent.push_committed(&batch.xids, batch.events.last().map(|e| e.commit_ts_us));
                     let mut out = Out { producer: &producer, topic: &topic, incarnation: &incarnation, batch: Batch::default(), frames: std::mem::take(&mut frames) };
                     let mut carried = Carried {
                         ack: batch.ack,
@@ -525,6 +525,7 @@ async fn close_chunk(
             change: Change::Insert { new: row },
             commit_lsn: lsn,
             commit_ts_us: now,
+            xid: 0,
         };
         produce(&e, true, now / 1000, codec, out).await?;
     }
@@ -534,6 +535,7 @@ async fn close_chunk(
             change: Change::Delete { key },
             commit_lsn: lsn,
             commit_ts_us: now,
+            xid: 0,
         };
         produce(&e, false, now / 1000, codec, out).await?;
     }

@@ -200,6 +200,7 @@ mod tests {
             },
             commit_lsn: Lsn(i),
             commit_ts_us: 0,
+            xid: 0,
         })
     }
 

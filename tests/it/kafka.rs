@@ -68,6 +68,7 @@ fn events() -> Vec<ChangeEvent> {
         change,
         commit_lsn: Lsn(0x1000),
         commit_ts_us: 1_700_000_000_000_000,
+        xid: 0,
     };
     vec![
         at(Change::Insert {
@@ -243,6 +244,7 @@ async fn an_added_column_is_a_backward_compatible_new_version() {
         },
         commit_lsn: Lsn(1),
         commit_ts_us: 0,
+        xid: 0,
     };
     let mut ids = Vec::new();
     for (cols, n) in [(&v1, 3), (&v2, 4)] {
@@ -344,6 +346,7 @@ async fn the_consumer_returns_the_events_and_resumes_after_its_commit() {
                 change: c.clone(),
                 commit_lsn: Lsn(0x1000),
                 commit_ts_us: 0,
+                xid: 0,
             };
             schema.records(&e, false, 0).expect("re-encode")
         };

@@ -37,6 +37,7 @@ fn event(change: Change) -> ChangeEvent {
         change,
         commit_lsn: Lsn(1),
         commit_ts_us: 0,
+        xid: 0,
     }
 }
 

@@ -90,6 +90,7 @@ fn partial_update() -> Vec<ChangeEvent> {
         },
         commit_lsn: Lsn(1),
         commit_ts_us: 0,
+        xid: 0,
     }]
 }
 

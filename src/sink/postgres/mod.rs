@@ -148,6 +148,14 @@ impl PgSink {
         self.commits = Some(commits);
     }
 
+    /// Notes the transactions of `events`, received to be applied, when this
+    /// sink watches commits (a sink that is their only reader).
+    pub fn received(&self, events: &[ChangeEvent]) {
+        if let Some(c) = &self.commits {
+            c.push_events(events);
+        }
+    }
+
     /// Waits until the transactions received so far are visible to this
     /// session's next statement, if this sink watches them.
     async fn wait_visible(&mut self) -> Result<()> {

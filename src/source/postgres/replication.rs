@@ -509,6 +509,7 @@ impl Decoder {
             change,
             commit_lsn: self.commit_lsn,
             commit_ts_us: self.commit_ts_us,
+            xid: self.xid,
         })))
     }
 

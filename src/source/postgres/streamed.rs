@@ -168,6 +168,7 @@ impl Streams {
             if let SourceMsg::Change(e) = &mut msg {
                 e.commit_lsn = commit_lsn;
                 e.commit_ts_us = commit_ts_us;
+                e.xid = xid;
             }
             out.push(msg);
         }
@@ -270,6 +271,7 @@ mod tests {
             },
             commit_lsn: Lsn::ZERO,
             commit_ts_us: 0,
+            xid: 0,
         })
     }
 

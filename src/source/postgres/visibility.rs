@@ -20,10 +20,30 @@
 //! the running list it stays out, so every later statement sees it too.
 
 use crate::error::{Error, Result};
+use crate::model::{now_us, ChangeEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio_postgres::{GenericClient, Statement};
+
+/// Commits older than this are not waited for (see [`Commits::push_committed`]).
+pub const OLD_COMMIT: Duration = Duration::from_secs(600);
+
+fn recent(commit_ts_us: i64) -> bool {
+    now_us().saturating_sub(commit_ts_us) < OLD_COMMIT.as_micros() as i64
+}
+
+/// The known ids of `events` that committed recently, each run of one
+/// transaction's events named once.
+fn recent_ids(events: &[ChangeEvent]) -> Vec<u32> {
+    let mut xids: Vec<u32> = Vec::new();
+    for e in events {
+        if e.xid != 0 && xids.last() != Some(&e.xid) && recent(e.commit_ts_us) {
+            xids.push(e.xid);
+        }
+    }
+    xids
+}
 
 /// The statement [`Commits::wait_visible`] runs (prepared by the caller).
 pub const SNAPSHOT_SQL: &str = "SELECT pg_current_snapshot()::text";
@@ -107,6 +127,23 @@ impl RecentXids {
         }
     }
 
+    /// Adds transactions that committed at `commit_ts_us` (source clock),
+    /// unless that is long ago ([`OLD_COMMIT`]) or unknown (a batch without
+    /// changes): a batch replayed after a long stop. Such a commit is
+    /// visible by now, and its 32-bit id could be read as one not yet
+    /// assigned, which would hold reads forever.
+    pub fn push_committed(&mut self, xids: &[u32], commit_ts_us: Option<i64>) {
+        if commit_ts_us.is_some_and(recent) {
+            self.push(xids);
+        }
+    }
+
+    /// Adds the transactions of `events`: those with a known id and a
+    /// recent commit (as [`RecentXids::push_committed`]).
+    pub fn push_events(&mut self, events: &[ChangeEvent]) {
+        self.push(&recent_ids(events));
+    }
+
     /// True when a transaction already received is not visible in `s`: it
     /// is running for `s`, or started after it (then the newest one did too).
     pub fn raced(&self, s: &Snapshot) -> bool {
@@ -133,6 +170,19 @@ impl Commits {
         if !xids.is_empty() {
             self.lock().push(xids);
         }
+    }
+
+    /// See [`RecentXids::push_committed`].
+    pub fn push_committed(&self, xids: &[u32], commit_ts_us: Option<i64>) {
+        if commit_ts_us.is_some_and(recent) {
+            self.push(xids);
+        }
+    }
+
+    /// See [`RecentXids::push_events`].
+    pub fn push_events(&self, events: &[ChangeEvent]) {
+        let xids = recent_ids(events);
+        self.push(&xids);
     }
 
     pub fn raced(&self, s: &Snapshot) -> bool {
@@ -212,5 +262,35 @@ mod tests {
         assert!(!recent.raced(&wrapped), "2^32 - 2 and 2^32 + 2 both ended");
         recent.push(&[4]);
         assert!(recent.raced(&wrapped), "2^32 + 4 is xmax");
+    }
+
+    #[test]
+    fn only_recent_commits_with_known_ids_are_held_for() {
+        let s = Snapshot::parse("100:105:100,103").unwrap();
+        let commits = Commits::default();
+        let now = now_us();
+        let old = now - OLD_COMMIT.as_micros() as i64 - 1_000_000;
+        commits.push_committed(&[103], Some(old));
+        commits.push_committed(&[103], None);
+        assert!(
+            !commits.raced(&s),
+            "a replayed old commit, or no change at all"
+        );
+        let event = |xid, commit_ts_us| ChangeEvent {
+            change: crate::model::Change::Truncate,
+            commit_lsn: crate::model::Lsn(1),
+            commit_ts_us,
+            xid,
+        };
+        commits.push_events(&[
+            event(0, now),
+            event(100, old),
+            event(101, now),
+            event(101, now),
+        ]);
+        assert!(!commits.raced(&s));
+        assert_eq!(commits.lock().seen.len(), 1, "101 once; 0 unknown; 100 old");
+        commits.push_committed(&[103], Some(now));
+        assert!(commits.raced(&s));
     }
 }

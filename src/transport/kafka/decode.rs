@@ -48,6 +48,7 @@ struct Image {
 enum SourceField {
     Lsn,
     TsMs,
+    TxId,
     Other,
 }
 
@@ -136,6 +137,7 @@ impl Plan {
                                 let role = match name.as_str() {
                                     "lsn" => SourceField::Lsn,
                                     "ts_ms" => SourceField::TsMs,
+                                    "txId" => SourceField::TxId,
                                     _ => SourceField::Other,
                                 };
                                 (role, node)
@@ -160,6 +162,7 @@ impl Plan {
         let mut r = Reader::new(datum);
         let (mut op, mut before, mut after) = (None, None, None);
         let (mut lsn, mut ts_ms, mut unavailable) = (None, None, Vec::new());
+        let mut tx_id = None;
         for part in &self.parts {
             match part {
                 Part::Op(Node::Enum(symbols)) => {
@@ -184,6 +187,7 @@ impl Plan {
                         match role {
                             SourceField::Lsn => lsn = r.opt_long(node)?,
                             SourceField::TsMs => ts_ms = r.opt_long(node)?,
+                            SourceField::TxId => tx_id = r.opt_long(node)?,
                             SourceField::Other => r.skip(node)?,
                         }
                     }
@@ -226,6 +230,9 @@ impl Plan {
             change,
             commit_lsn: lsn.map_or(Lsn::ZERO, |l| Lsn(l as u64)),
             commit_ts_us: ts_ms.map_or(0, |ms| ms * 1000),
+            // pgoutput's 32-bit id; a writer that sends a wider one (an
+            // epoch in the high bits) keeps its low 32 bits.
+            xid: tx_id.map_or(0, |x| x as u32),
         })
     }
 }
@@ -289,11 +296,13 @@ mod tests {
         let plan = Plan::new(&writer.value_schema().to_string(), &layout).unwrap();
         changes
             .iter()
-            .map(|change| {
+            .enumerate()
+            .map(|(i, change)| {
                 let e = ChangeEvent {
                     change: change.clone(),
                     commit_lsn: Lsn(7),
                     commit_ts_us: 9_000,
+                    xid: if i % 2 == 0 { 4_000_000_123 } else { 0 },
                 };
                 let recs = writer.records(&e, false, 0).unwrap();
                 plan.event(&datum(recs[0].value.as_ref().unwrap()), &layout)
@@ -320,10 +329,15 @@ mod tests {
                 key: Key(vec![Some("1".into())]),
             },
         ];
-        for (decoded, change) in round_trip(&s, &s, &changes).iter().zip(&changes) {
+        for (i, (decoded, change)) in round_trip(&s, &s, &changes)
+            .iter()
+            .zip(&changes)
+            .enumerate()
+        {
             assert_eq!(&decoded.change, change);
             assert_eq!(decoded.commit_lsn, Lsn(7));
             assert_eq!(decoded.commit_ts_us, 9_000);
+            assert_eq!(decoded.xid, if i % 2 == 0 { 4_000_000_123 } else { 0 });
         }
     }
 

@@ -224,7 +224,13 @@ impl TableSchema {
                     ("db".into(), Value::String(self.db.clone())),
                     ("schema".into(), Value::String(self.table.schema.clone())),
                     ("table".into(), Value::String(self.table.name.clone())),
-                    ("txId".into(), Value::Union(0, Box::new(Value::Null))),
+                    (
+                        "txId".into(),
+                        match e.xid {
+                            0 => Value::Union(0, Box::new(Value::Null)),
+                            xid => Value::Union(1, Box::new(Value::Long(xid as i64))),
+                        },
+                    ),
                     (
                         "lsn".into(),
                         Value::Union(1, Box::new(Value::Long(e.commit_lsn.0 as i64))),
@@ -335,6 +341,7 @@ mod tests {
             change,
             commit_lsn: Lsn(99),
             commit_ts_us: 5_000,
+            xid: 0,
         }
     }
 

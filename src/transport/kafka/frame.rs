@@ -207,7 +207,13 @@ impl TableSchema {
         bytes(self.db.as_bytes(), out);
         bytes(self.table.schema.as_bytes(), out);
         bytes(self.table.name.as_bytes(), out);
-        long(0, out); // txId: null
+        match e.xid {
+            0 => long(0, out), // txId: null
+            xid => {
+                long(1, out);
+                long(xid as i64, out);
+            }
+        }
         long(1, out);
         long(e.commit_lsn.0 as i64, out);
         bytes(op.as_bytes(), out);

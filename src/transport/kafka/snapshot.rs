@@ -210,6 +210,7 @@ mod tests {
             change,
             commit_lsn: Lsn(1),
             commit_ts_us: 0,
+            xid: 0,
         }
     }
 

@@ -163,6 +163,7 @@ mod tests {
             change,
             commit_lsn: Lsn(0x16_B374_D848),
             commit_ts_us: 1_700_000_000_123_456,
+            xid: 0,
         };
         let changes = vec![
             Change::Insert {
@@ -193,9 +194,13 @@ mod tests {
             encode(v, &mut out).expect("encodes");
             out
         };
-        for change in changes {
+        for (i, change) in changes.into_iter().enumerate() {
             for snapshot in [false, true] {
-                let e = event(change.clone());
+                let mut e = event(change.clone());
+                // `source.txId`: null, and an id past i32's range.
+                if i % 2 == 0 {
+                    e.xid = 4_000_000_123;
+                }
                 let records = schema.records(&e, snapshot, 7).expect("records");
                 for r in &records {
                     same_as_apache(&key_schema, &r.key);
