@@ -467,14 +467,7 @@ async fn run_repairs(
         let lo: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(1).map(Key);
         let hi: Option<Key> = r.get::<_, Option<Vec<Option<String>>>>(2).map(Key);
         if sink.is_none() {
-            let mut s = PgSink::connect(
-                dsn,
-                mapping.clone(),
-                p.source_table.clone(),
-                p.target_table.clone(),
-                Role::Copy,
-            )
-            .await?;
+            let mut s = PgSink::for_pipeline(dsn, p, mapping.clone(), Role::Copy).await?;
             s.watch_commits(commits.clone());
             *sink = Some(s);
         }

@@ -97,14 +97,7 @@ pub async fn run(
         columns: &schema.columns,
         key: &schema.key,
     };
-    let mut sink = PgSink::connect(
-        dsn,
-        mapping,
-        p.source_table.clone(),
-        p.target_table.clone(),
-        Role::Stream,
-    )
-    .await?;
+    let mut sink = PgSink::for_pipeline(dsn, p, mapping, Role::Stream).await?;
     // A row read back from the source must show the change that asked for
     // it; the records name their transactions (`source.txId`).
     sink.watch_commits(Commits::default());

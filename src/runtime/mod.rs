@@ -191,14 +191,7 @@ async fn run_forward(
         .await;
     }
     if !record.ranges_planned {
-        let mut sink = PgSink::connect(
-            dsn,
-            mapping.clone(),
-            p.source_table.clone(),
-            p.target_table.clone(),
-            Role::Copy,
-        )
-        .await?;
+        let mut sink = PgSink::for_pipeline(dsn, p, mapping.clone(), Role::Copy).await?;
         let estimate = store_estimate(control, p, checked).await?;
         let ranges = plan_ranges(&mut sink, p.backfill.workers, estimate).await?;
         state::save_ranges(control, &p.name, &ranges).await?;
@@ -211,16 +204,7 @@ async fn run_forward(
         .count()
         .min(p.backfill.workers as usize)
     {
-        sinks.push(
-            PgSink::connect(
-                dsn,
-                mapping.clone(),
-                p.source_table.clone(),
-                p.target_table.clone(),
-                Role::Copy,
-            )
-            .await?,
-        );
+        sinks.push(PgSink::for_pipeline(dsn, p, mapping.clone(), Role::Copy).await?);
     }
     let settings = Settings {
         chunk_rows: p.backfill.chunk_rows,

@@ -380,14 +380,7 @@ async fn first_pass(p: &Pipeline, dsn: &str, mapping: Arc<Mapping>) -> Result<Ve
     let workers = p.verify.workers.max(1) as usize;
     let (tx, rx) = mpsc::channel::<KeyRange>(workers * 2);
     let rx = Arc::new(Mutex::new(rx));
-    let mut bounds = PgSink::connect(
-        dsn,
-        mapping.clone(),
-        p.source_table.clone(),
-        p.target_table.clone(),
-        Role::Copy,
-    )
-    .await?;
+    let mut bounds = PgSink::for_pipeline(dsn, p, mapping.clone(), Role::Copy).await?;
     let chunk = p.verify.chunk_rows as i64;
     let producer = async move {
         let mut cursor: Option<Key> = None;

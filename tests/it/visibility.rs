@@ -75,6 +75,22 @@ async fn open_writer(w: &tokio_postgres::Client, sql: &str) -> u32 {
     (xid.parse::<u64>().expect("xid8") & 0xffff_ffff) as u32
 }
 
+/// Checks that `task` (a read of the source) is still waiting while the
+/// writer on `w` is open, commits the writer, and returns the task's result.
+async fn waits_for_writer<T>(
+    task: tokio::task::JoinHandle<T>,
+    w: &tokio_postgres::Client,
+    what: &str,
+) -> T {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!task.is_finished(), "the {what} did not wait");
+    w.batch_execute("COMMIT").await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("the {what} still waits after the commit"))
+        .expect("task")
+}
+
 /// A partial update (the TOASTed `body` left out) of row 1.
 fn partial_update() -> Vec<ChangeEvent> {
     vec![ChangeEvent {
@@ -133,14 +149,7 @@ async fn reads_of_the_source_wait_until_received_commits_are_visible() {
             .await
             .map(|_| watching)
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(!apply.is_finished(), "the refetch did not wait");
-    w.batch_execute("COMMIT").await.expect("commit");
-    let watching = tokio::time::timeout(Duration::from_secs(10), apply)
-        .await
-        .expect("the refetch still waits after the commit")
-        .expect("task")
-        .expect("apply");
+    let watching = waits_for_writer(apply, &w, "refetch").await.expect("apply");
     assert_eq!(target(&c).await, vec![row(1, 801)]);
     drop(watching);
 
@@ -154,14 +163,7 @@ async fn reads_of_the_source_wait_until_received_commits_are_visible() {
         copy.copy_range(None, None, &Checkpoint::default(), true)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(!copied.is_finished(), "the copy did not wait");
-    w.batch_execute("COMMIT").await.expect("commit");
-    let n = tokio::time::timeout(Duration::from_secs(10), copied)
-        .await
-        .expect("the copy still waits after the commit")
-        .expect("task")
-        .expect("copy");
+    let n = waits_for_writer(copied, &w, "copy").await.expect("copy");
     assert_eq!(n, 2);
     assert_eq!(target(&c).await, vec![row(1, 801), row(3, 800)]);
 }

@@ -25,7 +25,7 @@ use super::fold::{fold, Segment};
 use crate::error::{Error, Result};
 use crate::model::{ChangeEvent, Checkpoint, Key, Row};
 use crate::source::postgres::visibility::{Commits, SNAPSHOT_SQL};
-use crate::spec::TableName;
+use crate::spec::{Pipeline, TableName};
 use crate::transform::Mapping;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,6 +139,24 @@ impl PgSink {
             open: false,
             commits: None,
         })
+    }
+
+    /// [`PgSink::connect`] between the pipeline's own source and target
+    /// tables (the forward direction).
+    pub async fn for_pipeline(
+        dsn: &str,
+        p: &Pipeline,
+        mapping: Arc<Mapping>,
+        role: Role,
+    ) -> Result<PgSink> {
+        Self::connect(
+            dsn,
+            mapping,
+            p.source_table.clone(),
+            p.target_table.clone(),
+            role,
+        )
+        .await
     }
 
     /// From now on, every read of the source first waits until the
