@@ -18,6 +18,9 @@
 //! visible in each target (so neither side's start-up is counted). Lag is
 //! timed by probe updates: commit on the source, poll until visible.
 //!
+//! `BENCH_PERF=DIR` records `perf` over each side's apply window (the whole
+//! machine), `BENCH_PERF_DWARF=DIR` over rowshift's alone, with call stacks.
+//!
 //! Run: `bash scripts/bench.sh` (installs PostgreSQL if needed). Results are
 //! printed as a Markdown table for docs/benchmarks.md.
 
@@ -509,10 +512,23 @@ async fn measure_apply(
     let mut ours = 0.0;
     let mut theirs = 0.0;
     for turn in [ours_first, !ours_first] {
+        let side = if turn { "ours" } else { "ref" };
+        let _machine = profile(
+            "BENCH_PERF",
+            &format!("{side}-{tag}"),
+            &["-a", "-g", "-F", "999"],
+        );
         if turn {
             let child = rowshift(dsn, &["run", file], &work.join(format!("apply-{tag}.log")))?;
+            let pid = child.id().to_string();
+            let ours_only = profile(
+                "BENCH_PERF_DWARF",
+                &format!("dwarf-{tag}"),
+                &["--call-graph", "dwarf,16384", "-F", "499", "-p", &pid],
+            );
             let t0 = wait_note(&target, "orders_v2", 2, &start, Duration::from_secs(300)).await?;
             let t1 = wait_note(&target, "orders_v2", 1, &end, Duration::from_secs(600)).await?;
+            drop(ours_only);
             drop(child);
             wait_slot_inactive(src, "rowshift_bench_orders").await?;
             ours = (t1 - t0).as_secs_f64();

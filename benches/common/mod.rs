@@ -59,6 +59,37 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// A child process killed when dropped, so a failing bench leaves none behind.
+/// A `perf record` for profiling a measured window, when `var` names an
+/// output directory (`BENCH_PERF=DIR`: the whole machine, both sides;
+/// `BENCH_PERF_DWARF=DIR`: rowshift alone, with DWARF call stacks). It stops
+/// (SIGINT, so perf writes its file) when dropped.
+pub struct Profile(Child);
+
+pub fn profile(var: &str, name: &str, target: &[&str]) -> Option<Profile> {
+    let dir = std::env::var(var).ok()?;
+    let child = Command::new("perf")
+        .arg("record")
+        .args(target)
+        .arg("-o")
+        .arg(format!("{dir}/{name}.data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // perf needs a moment before it records.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Some(Profile(child))
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Proc(pub Child);
 
 impl Proc {
