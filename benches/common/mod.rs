@@ -75,6 +75,7 @@ pub fn profile(var: &str, name: &str, target: &[&str]) -> Option<Profile> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map_err(|e| eprintln!("{var}: perf did not start ({e}); not profiling {name}"))
         .ok()?;
     // perf needs a moment before it records.
     std::thread::sleep(std::time::Duration::from_millis(300));
