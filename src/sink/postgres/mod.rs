@@ -16,6 +16,7 @@
 //! the insert, in memory.
 
 pub mod parallel;
+mod split;
 pub mod sql;
 pub mod tentative;
 pub mod typed;

@@ -1,9 +1,11 @@
 //! Parallel apply: one batch on several connections, split by key.
 //!
-//! A folded batch holds one operation per key, so partitions by key (a hash
-//! of the key, or its run of 64 dealt out evenly for a single integer key)
-//! touch disjoint rows and never wait on each other; a key always falls in
-//! the same partition, so per-key order is kept across batches. Each part
+//! A folded batch holds one operation per key, so partitions by key
+//! ([`super::split`]: contiguous ranges balanced per batch for a single
+//! integer key, a hash of the key otherwise) touch disjoint rows and never
+//! wait on each other. Every part commits before the next batch is split,
+//! so per-key order is kept across batches even where a key's part
+//! changes from one batch to the next. Each part
 //! commits on its own, after checking under `FOR SHARE` that no newer
 //! process fenced this one (see [`crate::state::bump_epoch`]). The batch's
 //! checkpoint is written only when every part has committed, and the slot is
@@ -12,13 +14,12 @@
 //! again, idempotently. A batch with a TRUNCATE (an exclusive lock) is
 //! applied on one connection.
 
+use super::split::{split, KeyRanges};
 use super::{Applied, PgSink};
 use crate::error::{Error, Result};
-use crate::model::{ChangeEvent, Checkpoint, Key};
+use crate::model::{ChangeEvent, Checkpoint};
 use crate::sink::fold::{fold, Segment};
-use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use tokio::task::JoinSet;
 
 pub struct ParallelSink {
@@ -63,7 +64,11 @@ impl ParallelSink {
         if simple {
             return self.first()?.apply_segments(&segments, checkpoint).await;
         }
-        let parts = split(segments.pop().unwrap_or_default(), n);
+        let parts = split(
+            segments.pop().unwrap_or_default(),
+            n,
+            &mut KeyRanges::default(),
+        );
         let (_, applied) = on_parts(&mut self.sinks, parts, |mut sink, part| {
             let fence = fence.clone();
             async move {
@@ -155,127 +160,5 @@ where
     match first_error {
         Some(e) => (kept, Err(e)),
         None => (kept, Ok(total)),
-    }
-}
-
-/// Splits a segment's operations into `n` parts by key ([`part_of`]).
-pub(super) fn split(segment: Segment, n: usize) -> Vec<Segment> {
-    // Sized up front: growing each part step by step copied it several
-    // times per batch, into fresh pages the kernel had to zero.
-    let each = segment.ops.len() / n.max(1) + segment.ops.len() / 8 + 16;
-    let mut parts: Vec<Segment> = (0..n)
-        .map(|_| Segment {
-            mostly_inserts: segment.mostly_inserts,
-            ops: Vec::with_capacity(each),
-            ..Segment::default()
-        })
-        .collect();
-    for (key, net) in segment.ops {
-        parts[part_of(&key, n)].ops.push((key, net));
-    }
-    parts
-}
-
-/// The part a key's changes go to: the same key always lands in the same
-/// part. A single integer key is split by runs of 64 neighbours, so that
-/// rows stored next to each other on the target are written by one
-/// connection, not by all of them in turn. The runs are dealt out by a
-/// Fibonacci hash (the run times 2^64/φ, scaled to `n`): consecutive runs
-/// fall into the parts as evenly as dealing them in turn would, so a batch
-/// of neighbouring keys (one large UPDATE) splits into parts of equal size
-/// and neither connection waits for the other; a stride of keys does not
-/// land them all in one part, as `run % n` would. (A random hash of the run
-/// left parts of a 10,000-row batch about 4 % apart, and the faster
-/// connection idle for the difference.)
-fn part_of(key: &Key, n: usize) -> usize {
-    let n = n.max(1) as u64;
-    if let [Some(v)] = key.0.as_slice() {
-        if let Ok(i) = v.parse::<i64>() {
-            return spread(i.div_euclid(64) as u64, n);
-        }
-    }
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % n) as usize
-}
-
-/// `run`'s part out of `n`: the top bits of `run` × 2^64/φ, scaled.
-fn spread(run: u64, n: u64) -> usize {
-    let x = run.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (((x >> 32) * n) >> 32) as usize
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sink::fold::Net;
-
-    #[test]
-    fn a_key_always_lands_in_the_same_part_and_nothing_is_lost() {
-        let ops: Vec<(Key, Net)> = (0..100)
-            .map(|i| (Key(vec![Some((i * 64).to_string())]), Net::Delete))
-            .collect();
-        let a = split(
-            Segment {
-                ops: ops.clone(),
-                ..Segment::default()
-            },
-            3,
-        );
-        let b = split(
-            Segment {
-                ops,
-                ..Segment::default()
-            },
-            3,
-        );
-        assert_eq!(a.iter().map(|p| p.ops.len()).sum::<usize>(), 100);
-        assert!(
-            a.iter().all(|p| !p.ops.is_empty()),
-            "100 keys spread over 3 parts"
-        );
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn integer_neighbours_share_a_part_and_other_keys_spread() {
-        let int = |i: i64| Key(vec![Some(i.to_string())]);
-        for run in [0i64, 64, -64, 6400] {
-            let part = part_of(&int(run), 4);
-            assert!((run..run + 64).all(|i| part_of(&int(i), 4) == part));
-        }
-        let runs: std::collections::HashSet<usize> =
-            (0..64).map(|r| part_of(&int(r * 64), 4)).collect();
-        assert_eq!(runs.len(), 4, "runs of 64 spread over every part");
-        let text: std::collections::HashSet<usize> = (0..64)
-            .map(|i| part_of(&Key(vec![Some(format!("k{i}"))]), 4))
-            .collect();
-        assert_eq!(text.len(), 4, "text keys spread key by key");
-        let pairs: std::collections::HashSet<usize> = (0..64)
-            .map(|i| part_of(&Key(vec![Some("1".into()), Some(i.to_string())]), 4))
-            .collect();
-        assert_eq!(pairs.len(), 4, "composite keys spread key by key");
-    }
-
-    #[test]
-    fn neighbouring_keys_split_evenly_and_strides_spread() {
-        let int = |i: i64| Key(vec![Some(i.to_string())]);
-        // One large UPDATE: 10,000 neighbouring keys from anywhere.
-        for (n, start) in [(2usize, 3i64), (2, 1_234_567), (3, 0), (4, 999_936)] {
-            let mut sizes = vec![0usize; n];
-            for k in start..start + 10_000 {
-                sizes[part_of(&int(k), n)] += 1;
-            }
-            let (lo, hi) = (sizes.iter().min(), sizes.iter().max());
-            let spread = hi.zip(lo).map(|(h, l)| h - l);
-            assert!(
-                spread.is_some_and(|d| d <= 3 * 64),
-                "{n} parts from {start}: {sizes:?}"
-            );
-        }
-        // Keys 128 apart (every other run) still reach both of two parts.
-        let parts: std::collections::HashSet<usize> =
-            (0..100).map(|i| part_of(&int(i * 128), 2)).collect();
-        assert_eq!(parts.len(), 2);
     }
 }

@@ -14,7 +14,8 @@
 //! was not faster: on two cores the walsender needs the CPU the extra
 //! overlap takes (docs/benchmarks.md, issue 2).
 
-use super::parallel::{on_parts, split};
+use super::parallel::on_parts;
+use super::split::{split, KeyRanges};
 use super::write::{run_checkpoint, write_segments, Target};
 use super::{Applied, PgSink, Role};
 use crate::error::{Error, Result};
@@ -31,6 +32,9 @@ pub struct Tentative {
     target: TableName,
     /// Connected on first use; `None` also after a connection failed.
     sinks: Vec<Option<PgSink>>,
+    /// Which connection each key range written so far went to: a key must
+    /// stay on the connection whose open transaction holds its row.
+    ranges: KeyRanges,
 }
 
 impl Tentative {
@@ -47,6 +51,7 @@ impl Tentative {
             source,
             target,
             sinks: (0..workers.max(1)).map(|_| None).collect(),
+            ranges: KeyRanges::default(),
         }
     }
 
@@ -57,7 +62,7 @@ impl Tentative {
         if let Err(e) = self.connect().await {
             return (vec![segment], Err(e));
         }
-        let parts = split(segment, n);
+        let parts = split(segment, n, &mut self.ranges);
         let (parts, written) = on_parts(&mut self.sinks, parts, |mut sink, part| async move {
             let result = sink.write_open(std::slice::from_ref(&part)).await;
             (sink, part, result)
@@ -70,6 +75,7 @@ impl Tentative {
     /// only ever missing here if it never wrote: one lost with writes in it
     /// made its write fail, and the caller gave the transactions up.)
     pub async fn commit(&mut self, fence: &Checkpoint) -> Result<()> {
+        self.ranges.clear();
         for sink in self.sinks.iter_mut().flatten() {
             sink.commit_open(fence).await?;
         }
@@ -79,6 +85,7 @@ impl Tentative {
     /// Rolls every open transaction back; a connection that cannot is
     /// dropped (its server session rolls back as it ends).
     pub async fn rollback(&mut self) {
+        self.ranges.clear();
         for sink in &mut self.sinks {
             if let Some(s) = sink.as_mut() {
                 if let Err(e) = s.rollback_open().await {
