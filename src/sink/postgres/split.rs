@@ -5,17 +5,27 @@
 //! connection every time while the transactions are open: that connection's
 //! transaction holds the key's row lock and sees its earlier write.
 //!
-//! A single integer key is split into contiguous key ranges, balanced per
-//! batch: the keys no earlier range covers are sorted and cut into pieces
-//! that even out the parts' sizes, and each piece is remembered as a range
-//! of its part ([`KeyRanges`]). Contiguous ranges matter more than they look:
-//! two connections writing neighbouring keys share btree leaf pages (a
-//! bigint key has ~370 to a page) and wait on each other's page locks,
-//! bottom-up deletion included. Two connections rewriting 200,000 rows by
-//! runs of 64 keys took 0.86 s (median of 6), by runs of 512 0.74 s, and by
-//! contiguous halves of each batch 0.71 s (docs/benchmarks.md, session 34).
-//! Fixed runs that large cannot be balanced per batch (a 10,000-row batch is
-//! about 20 of them), hence ranges cut to measure.
+//! A single integer key is split into key ranges cut to measure for each
+//! batch: the keys no earlier range covers are sorted and cut into pieces of
+//! up to [`PIECE`] neighbours, dealt to the parts in turn so that their
+//! sizes come out even, and each piece is remembered as a range of its part
+//! ([`KeyRanges`]).
+//!
+//! - **Pieces larger than a leaf page.** Two connections writing
+//!   neighbouring keys share btree leaf pages (a bigint key has ~370 to a
+//!   page) and wait on each other's page locks, bottom-up deletion included.
+//!   Two connections rewriting 200,000 rows split by runs of 64 keys took
+//!   0.86 s (median of 6), by runs of 512 0.74 s (docs/benchmarks.md,
+//!   session 34).
+//! - **Pieces, not halves.** Contiguous halves of each batch did as well
+//!   in the bench, but pieces from all over the batch give each connection
+//!   some of every region, so a region that costs more per row (more dead
+//!   versions, fuller pages) is not one connection's alone. (The bench's
+//!   large UPDATE has a cost that stays with one connection either way: one
+//!   spends a quarter of its time in btree bottom-up deletion, the other
+//!   almost none; docs/benchmarks.md, session 34.)
+//! - **Cut to measure.** Fixed runs of 512 cannot be balanced per batch (a
+//!   10,000-row batch is about 20 of them, so parts would differ by a run).
 //!
 //! Other keys are spread by a hash of the key ([`part_of`]), as are integer
 //! keys once a transaction has made [`MAX_RANGES`] ranges.
@@ -56,8 +66,13 @@ impl KeyRanges {
     }
 }
 
-/// A piece of new keys being cut: (its part, lowest key, highest key).
-type Piece = (usize, i64, i64);
+/// The most keys in one piece: more than a btree leaf page holds, few
+/// enough that each connection's part of a batch mixes pieces from all over
+/// it (see the module docs).
+pub(super) const PIECE: usize = 512;
+
+/// A piece of new keys being cut: (its part, lowest key, highest key, keys).
+type Piece = (usize, i64, i64, usize);
 
 /// Splits a segment's operations into `n` parts (see the module docs).
 /// `ranges` holds the ranges of earlier batches that must be kept to, and
@@ -107,29 +122,35 @@ pub(super) fn split(segment: Segment, n: usize, ranges: &mut KeyRanges) -> Vec<S
     let mut piece: Option<Piece> = None;
     for (k, op) in new {
         let part = match piece {
-            // A piece ends where its part has its share, and before an
-            // earlier range, which it must not cover.
-            // (Equal values, such as text keys "7" and "07", stay together:
-            // a range must not end on a key the next one starts on.)
-            Some((p, _, hi)) if k == hi || (lacks[p] > 0 && !ranges.starts_between(hi, k)) => p,
+            // A piece ends at [`PIECE`] keys, where its part has its share,
+            // and before an earlier range, which it must not cover. (Equal
+            // values, such as text keys "7" and "07", stay together: a range
+            // must not end on a key the next one starts on.)
+            Some((p, _, hi, len))
+                if k == hi || (len < PIECE && lacks[p] > 0 && !ranges.starts_between(hi, k)) =>
+            {
+                p
+            }
             _ => {
-                if let Some((p, lo, hi)) = piece.take() {
+                if let Some((p, lo, hi, _)) = piece.take() {
                     ranges.by_lo.insert(lo, (hi, p));
                 }
-                // The shares add up to at least the batch, so some part
-                // lacks a key while any are left.
+                // The part that lacks most (the shares add up to the batch,
+                // so some part lacks a key while any are left): full pieces
+                // go to the parts in turn.
                 let p = (0..n).max_by_key(|&p| lacks[p]).unwrap_or(0);
-                piece = Some((p, k, k));
+                piece = Some((p, k, k, 0));
                 p
             }
         };
         if let Some(current) = piece.as_mut() {
             current.2 = k;
+            current.3 += 1;
         }
         lacks[part] = lacks[part].saturating_sub(1);
         parts[part].ops.push(op);
     }
-    if let Some((p, lo, hi)) = piece {
+    if let Some((p, lo, hi, _)) = piece {
         ranges.by_lo.insert(lo, (hi, p));
     }
     parts
