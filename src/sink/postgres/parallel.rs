@@ -1,11 +1,11 @@
 //! Parallel apply: one batch on several connections, split by key.
 //!
 //! A folded batch holds one operation per key, so partitions by key
-//! ([`super::split`]: contiguous ranges balanced per batch for a single
-//! integer key, a hash of the key otherwise) touch disjoint rows and never
-//! wait on each other. Every part commits before the next batch is split,
-//! so per-key order is kept across batches even where a key's part
-//! changes from one batch to the next. Each part
+//! ([`super::split`]: pieces of neighbouring keys dealt out evenly per
+//! batch for a single integer key, a hash of the key otherwise) touch
+//! disjoint rows and never wait on each other. Every part commits before
+//! the next batch is split, so per-key order is kept across batches even
+//! where a key's part changes from one batch to the next. Each part
 //! commits on its own, after checking under `FOR SHARE` that no newer
 //! process fenced this one (see [`crate::state::bump_epoch`]). The batch's
 //! checkpoint is written only when every part has committed, and the slot is

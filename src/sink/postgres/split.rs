@@ -71,8 +71,20 @@ impl KeyRanges {
 /// it (see the module docs).
 pub(super) const PIECE: usize = 512;
 
-/// A piece of new keys being cut: (its part, lowest key, highest key, keys).
-type Piece = (usize, i64, i64, usize);
+/// A piece of new keys being cut.
+struct Piece {
+    part: usize,
+    lo: i64,
+    hi: i64,
+    keys: usize,
+}
+
+impl Piece {
+    /// Remembers the piece as a range of its part.
+    fn keep(self, ranges: &mut KeyRanges) {
+        ranges.by_lo.insert(self.lo, (self.hi, self.part));
+    }
+}
 
 /// Splits a segment's operations into `n` parts (see the module docs).
 /// `ranges` holds the ranges of earlier batches that must be kept to, and
@@ -121,37 +133,34 @@ pub(super) fn split(segment: Segment, n: usize, ranges: &mut KeyRanges) -> Vec<S
         .collect();
     let mut piece: Option<Piece> = None;
     for (k, op) in new {
-        let part = match piece {
-            // A piece ends at [`PIECE`] keys, where its part has its share,
-            // and before an earlier range, which it must not cover. (Equal
-            // values, such as text keys "7" and "07", stay together: a range
-            // must not end on a key the next one starts on.)
-            Some((p, _, hi, len))
-                if k == hi || (len < PIECE && lacks[p] > 0 && !ranges.starts_between(hi, k)) =>
-            {
-                p
+        // A piece ends at [`PIECE`] keys, where its part has its share, and
+        // before an earlier range, which it must not cover. (Equal values,
+        // such as text keys "7" and "07", stay together: a range must not end
+        // on a key the next one starts on.)
+        let goes_on = piece.as_ref().is_some_and(|c| {
+            k == c.hi || (c.keys < PIECE && lacks[c.part] > 0 && !ranges.starts_between(c.hi, k))
+        });
+        if !goes_on {
+            if let Some(done) = piece.take() {
+                done.keep(ranges);
             }
-            _ => {
-                if let Some((p, lo, hi, _)) = piece.take() {
-                    ranges.by_lo.insert(lo, (hi, p));
-                }
-                // The part that lacks most (the shares add up to the batch,
-                // so some part lacks a key while any are left): full pieces
-                // go to the parts in turn.
-                let p = (0..n).max_by_key(|&p| lacks[p]).unwrap_or(0);
-                piece = Some((p, k, k, 0));
-                p
-            }
-        };
-        if let Some(current) = piece.as_mut() {
-            current.2 = k;
-            current.3 += 1;
         }
-        lacks[part] = lacks[part].saturating_sub(1);
-        parts[part].ops.push(op);
+        // A new piece goes to the part that lacks most (the shares add up to
+        // the batch, so some part lacks a key while any are left): full
+        // pieces go to the parts in turn.
+        let current = piece.get_or_insert_with(|| Piece {
+            part: (0..n).max_by_key(|&p| lacks[p]).unwrap_or(0),
+            lo: k,
+            hi: k,
+            keys: 0,
+        });
+        current.hi = k;
+        current.keys += 1;
+        lacks[current.part] = lacks[current.part].saturating_sub(1);
+        parts[current.part].ops.push(op);
     }
-    if let Some((p, lo, hi, _)) = piece {
-        ranges.by_lo.insert(lo, (hi, p));
+    if let Some(done) = piece {
+        done.keep(ranges);
     }
     parts
 }
